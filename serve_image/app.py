@@ -1,0 +1,126 @@
+"""The ASGI application: life cycle, dispatch, and the one place errors become responses."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route
+
+from serve_image.backends import Backend, make_backend
+from serve_image.endpoint import ImageEndpoint, Receive, Scope, Send
+from serve_image.errors import DatabaseUnavailable, HTTPError
+from serve_image.ranges import RangeNotSatisfiable
+from serve_image.settings import Settings, load_site
+
+logger = logging.getLogger("serve_image")
+
+HEALTH_PATH = "/-/health"
+
+
+class ServeImage:
+    """One site: its settings, its backend's pool, and the file endpoint."""
+
+    def __init__(self, settings: Settings, backend: Backend | None = None) -> None:
+        self.settings = settings
+        self.backend = backend or make_backend(settings, readonly=True)
+        self.endpoint = ImageEndpoint(settings, self.backend)
+        # Everything that is not a file goes through Starlette: the health
+        # check now, admin routes later. No image path ever reaches it.
+        self.other = Starlette(routes=[Route(HEALTH_PATH, self.health, methods=["GET", "HEAD"])])
+        self.error_headers = {
+            503: [(b"retry-after", str(settings.retry_after).encode()),
+                  (b"cache-control", b"no-store")],
+            405: [(b"allow", b"GET, HEAD")],
+        }
+
+    async def startup(self) -> None:
+        await self.backend.connect()
+        try:
+            await self.backend.ping()
+        except DatabaseUnavailable:
+            logger.warning(
+                "%s: database not reachable at start-up; answering 503 until it is",
+                self.settings.describe(),
+            )
+        else:
+            logger.info("serving %s from %s", self.settings.name, self.settings.describe())
+
+    async def shutdown(self) -> None:
+        await self.backend.close()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            if scope["path"].startswith("/var/"):
+                try:
+                    await self.endpoint(scope, receive, send)
+                except HTTPError as e:
+                    await self.send_error(send, e.status, e.text)
+                except RangeNotSatisfiable as e:
+                    await self.send_error(
+                        send, 416, "Range Not Satisfiable",
+                        [(b"content-range", f"bytes */{e.size}".encode())],
+                    )
+                return
+            await self.other(scope, receive, send)
+        elif scope["type"] == "lifespan":
+            await self.lifespan(receive, send)
+
+    async def send_error(
+        self, send: Send, status: int, text: str, extra: list[tuple[bytes, bytes]] | None = None
+    ) -> None:
+        """A short plain-text answer: never the request's input, never a traceback."""
+        body = f"{status} {text}\n".encode()
+        headers = [
+            (b"content-type", b"text/plain; charset=utf-8"),
+            (b"content-length", str(len(body)).encode()),
+            (b"x-content-type-options", b"nosniff"),
+            *self.error_headers.get(status, ()),
+            *(extra or ()),
+        ]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    async def lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await self.startup()
+                except Exception as e:  # boundary: report to the server, which exits
+                    await send({"type": "lifespan.startup.failed", "message": str(e)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.shutdown()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def health(self, request: Request) -> Response:
+        """For load balancers: 200 when the database answers, else 503."""
+        try:
+            await self.backend.ping()
+        except DatabaseUnavailable:
+            return PlainTextResponse(
+                "database unavailable\n", 503,
+                headers={"retry-after": str(self.settings.retry_after)},
+            )
+        return PlainTextResponse("ok\n", headers={"cache-control": "no-store"})
+
+
+def create_app(site: str) -> ServeImage:
+    """The app for a site module name or path (see settings.load_site)."""
+    return ServeImage(load_site(site))
+
+
+def from_environment() -> ServeImage:
+    """Factory for plain uvicorn: `SERVE_IMAGE_SITE=demo uvicorn --factory serve_image.app:from_environment`."""
+    site = os.environ.get("SERVE_IMAGE_SITE")
+    if not site:
+        raise SystemExit("serve-image: set SERVE_IMAGE_SITE to a site name or file")
+    return create_app(site)
+
+

@@ -1,0 +1,249 @@
+"""The hot path: one request for a stored file -> headers from its row -> chunks.
+
+A plain ASGI callable: the request needs no routing, no middleware and no
+Request object, only the raw path and five request headers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import secrets
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from serve_image import conditional, ranges
+from serve_image.backends import Backend, FileMeta
+from serve_image.errors import (
+    DatabaseUnavailable,
+    MethodNotAllowed,
+    NotFound,
+    PreconditionFailed,
+    StreamAborted,
+)
+from serve_image.headers import Clock, content_disposition, content_type, is_download, type_headers
+from serve_image.paths import request_name
+from serve_image.settings import Settings
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+Headers = list[tuple[bytes, bytes]]
+
+logger = logging.getLogger("serve_image.endpoint")
+
+# A body is read this many bytes at a time (whole chunk rows, at least one):
+# few round trips for big files, bounded memory per response.
+BATCH_BYTES = 256 * 1024
+_WANTED = frozenset(
+    (b"range", b"if-range", b"if-match", b"if-none-match", b"if-modified-since",
+     b"if-unmodified-since")
+)
+_CONDITIONS = (b"if-match", b"if-none-match", b"if-modified-since", b"if-unmodified-since")
+# RFC 9110 §15.4.5: a 304 carries the fields a 200 would have sent among
+# Cache-Control, Content-Location, Date, ETag, Expires and Vary; Date comes
+# from the server.
+_NOT_MODIFIED_FIELDS = frozenset((b"cache-control", b"etag", b"expires"))
+
+
+class ImageEndpoint:
+    """GET and HEAD of `/var/<dir>/storage/images[-versioned]/...` from the database."""
+
+    def __init__(self, settings: Settings, backend: Backend) -> None:
+        self.settings = settings
+        self.backend = backend
+        self.clock = Clock(settings.expiry_timeout)
+        self.batch = max(1, BATCH_BYTES // settings.chunk_size)
+        self.download_non_images = settings.download_non_images
+        # The per-site part of every 200, encoded once.
+        fixed: Headers = [(b"x-content-type-options", b"nosniff")]
+        if settings.http_range:
+            fixed.append((b"accept-ranges", b"bytes"))
+        self.fixed = fixed
+        self.cache_control = settings.cache_control.encode("latin-1")
+        self.cache_control_versioned = settings.cache_control_versioned.encode("latin-1")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        raw_path: bytes = scope.get("raw_path") or scope["path"].encode("utf-8")
+        file = request_name(raw_path, self.settings.var_dir)
+        method = scope["method"]
+        if method not in ("GET", "HEAD"):
+            raise MethodNotAllowed()
+        req: dict[bytes, str] = {}
+        for key, value in scope["headers"]:
+            if key in _WANTED:
+                # Repeated fields are one comma-separated list (RFC 9110 §5.3);
+                # a repeated date or Range then fails to parse and is ignored.
+                text = value.decode("latin-1")
+                req[key] = f"{req[key]}, {text}" if key in req else text
+        s = self.settings
+        conditional_request = s.http_cache and any(k in req for k in _CONDITIONS)
+        range_header = req.get(b"range") if s.http_range else None
+
+        name_hash = hashlib.md5(file.name.encode("utf-8")).hexdigest()
+        first: bytes | None = None
+        if method == "GET" and not conditional_request and range_header is None:
+            got = await self.backend.fetch_first(name_hash)
+            meta = got[0] if got else None
+            first = got[1] if got else None
+        else:
+            # 304, 412, 416 and HEAD are decided from the row alone.
+            meta = await self.backend.fetch_meta(name_hash)
+        if meta is None or not meta.live:
+            raise NotFound()
+
+        etag = conditional.make_etag(name_hash, meta.mtime, meta.size) if s.http_cache else None
+        last_modified = meta.mtime if s.http_cache else None
+        headers: Headers = list(type_headers(meta.datatype, False))
+        headers += self.fixed
+        headers.append(
+            (b"cache-control", self.cache_control_versioned if file.versioned else self.cache_control)
+        )
+        headers.append((b"expires", self.clock.expires()))
+        if etag is not None and last_modified is not None:
+            headers.append((b"etag", etag.encode("latin-1")))
+            headers.append(
+                (b"last-modified", conditional.http_date(last_modified).encode("latin-1"))
+            )
+        if self.download_non_images and is_download(meta.datatype):
+            headers.append((b"content-disposition", content_disposition(file.name)))
+
+        if conditional_request:
+            outcome = conditional.evaluate(
+                method, etag, last_modified,
+                if_match=req.get(b"if-match"),
+                if_none_match=req.get(b"if-none-match"),
+                if_modified_since=req.get(b"if-modified-since"),
+                if_unmodified_since=req.get(b"if-unmodified-since"),
+            )
+            if outcome is conditional.Outcome.PRECONDITION_FAILED:
+                raise PreconditionFailed()
+            if outcome is conditional.Outcome.NOT_MODIFIED:
+                kept = [h for h in headers if h[0] in _NOT_MODIFIED_FIELDS]
+                await send({"type": "http.response.start", "status": 304, "headers": kept})
+                await send({"type": "http.response.body", "body": b""})
+                return
+
+        wanted = None
+        if range_header is not None:
+            if_range = req.get(b"if-range")
+            if if_range is None or conditional.if_range_matches(if_range, etag, last_modified):
+                # Raises RangeNotSatisfiable (416), mapped to a response in app.py.
+                wanted = ranges.parse_range(range_header, meta.size)
+
+        if wanted is None:
+            await self._send_whole(method, meta, first, headers, receive, send, file.name)
+        elif len(wanted) == 1:
+            await self._send_range(method, meta, wanted[0], headers, receive, send, file.name)
+        else:
+            await self._send_multipart(method, meta, wanted, headers, receive, send, file.name)
+
+    async def _send_whole(
+        self, method: str, meta: FileMeta, first: bytes | None, headers: Headers,
+        receive: Receive, send: Send, name: str,
+    ) -> None:
+        headers.append((b"content-length", str(meta.size).encode()))
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        if method == "HEAD" or meta.size == 0:
+            await send({"type": "http.response.body", "body": b""})
+            return
+        if first is not None and len(first) >= meta.size:
+            # The common case: a small image, read with its row in one query.
+            if len(first) > meta.size:
+                logger.error("aborted %s: first chunk longer than the file's size", name)
+                return
+            await send({"type": "http.response.body", "body": first})
+            return
+        pos = 0
+        if first:
+            await send({"type": "http.response.body", "body": first, "more_body": True})
+            pos = len(first)
+        if await self._stream(meta, pos, meta.size - 1, receive, send, name):
+            await send({"type": "http.response.body", "body": b""})
+
+    async def _send_range(
+        self, method: str, meta: FileMeta, r: ranges.Range, headers: Headers,
+        receive: Receive, send: Send, name: str,
+    ) -> None:
+        headers.append((b"content-range", ranges.content_range(r, meta.size).encode()))
+        headers.append((b"content-length", str(r[1] - r[0] + 1).encode()))
+        await send({"type": "http.response.start", "status": 206, "headers": headers})
+        if method == "HEAD":
+            await send({"type": "http.response.body", "body": b""})
+            return
+        if await self._stream(meta, r[0], r[1], receive, send, name):
+            await send({"type": "http.response.body", "body": b""})
+
+    async def _send_multipart(
+        self, method: str, meta: FileMeta, wanted: list[ranges.Range], headers: Headers,
+        receive: Receive, send: Send, name: str,
+    ) -> None:
+        boundary = secrets.token_hex(12)
+        ctype = content_type(meta.datatype)
+        heads, tail, length = ranges.multipart_parts(wanted, meta.size, ctype, boundary)
+        # The type moves into the parts (RFC 9110 §14.6).
+        headers = [h for h in headers if h[0] != b"content-type"]
+        headers.append((b"content-type", f"multipart/byteranges; boundary={boundary}".encode()))
+        headers.append((b"content-length", str(length).encode()))
+        await send({"type": "http.response.start", "status": 206, "headers": headers})
+        if method == "HEAD":
+            await send({"type": "http.response.body", "body": b""})
+            return
+        for head, r in zip(heads, wanted, strict=True):
+            await send({"type": "http.response.body", "body": head, "more_body": True})
+            if not await self._stream(meta, r[0], r[1], receive, send, name):
+                return
+            await send({"type": "http.response.body", "body": b"\r\n", "more_body": True})
+        await send({"type": "http.response.body", "body": tail})
+
+    async def _stream(
+        self, meta: FileMeta, start: int, end: int, receive: Receive, send: Send, name: str
+    ) -> bool:
+        """Send bytes start..end as `more_body` parts; False when the response was cut off.
+
+        The pool's connection is taken per batch of chunk rows and given back
+        before the bytes are sent, so a slow client holds no connection.
+        """
+        gone = asyncio.Event()
+        watcher = asyncio.ensure_future(_watch_disconnect(receive, gone))
+        pos = start
+        try:
+            while pos <= end:
+                if gone.is_set():
+                    return False  # no reads for nobody
+                try:
+                    chunks = await self.backend.fetch_chunks(meta, pos, end, self.batch)
+                except DatabaseUnavailable as e:
+                    raise StreamAborted(f"database lost: {e}") from None
+                if not chunks:
+                    raise StreamAborted("file replaced, deleted or missing chunks")
+                for chunk in chunks:
+                    length = len(chunk.data)
+                    if not chunk.offset <= pos < chunk.offset + length:
+                        raise StreamAborted(f"no chunk holds byte {pos}")
+                    if chunk.offset + length > meta.size:
+                        raise StreamAborted("chunks add up to more than the file's size")
+                    lo, hi = pos - chunk.offset, min(length, end + 1 - chunk.offset)
+                    body = chunk.data if lo == 0 and hi == length else chunk.data[lo:hi]
+                    await send({"type": "http.response.body", "body": body, "more_body": True})
+                    pos += len(body)
+                    if pos > end:
+                        break
+            return True
+        except StreamAborted as e:
+            # Headers are out: the only honest answer left is to cut the
+            # connection, so the client sees a broken transfer, not wrong bytes.
+            logger.error("aborted %s at byte %d of %d: %s", name, pos, meta.size, e)
+            return False
+        finally:
+            watcher.cancel()
+
+
+async def _watch_disconnect(receive: Receive, gone: asyncio.Event) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            gone.set()
+            return

@@ -1,0 +1,110 @@
+"""Byte ranges (RFC 9110 §14): pure functions, no I/O."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+# More ranges than this and the Range header is ignored (RFC 9110 §14.2: a
+# server MAY ignore Range); with coalescing and the total-size check below no
+# request can cost more than a full download.
+MAX_RANGES = 16
+_SPEC = re.compile(r"^(\d*)-(\d*)$")
+
+Range = tuple[int, int]  # first and last byte, inclusive, as in Content-Range
+
+
+class RangeNotSatisfiable(Exception):
+    """No range of the header overlaps the file: 416 with `bytes */size`."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(f"bytes */{size}")
+        self.size = size
+
+
+def parse_range(header: str, size: int) -> list[Range] | None:
+    """The ranges to send for a Range header, sorted and coalesced.
+
+    None means "ignore the header and send the whole file with 200": the unit
+    is not bytes, the header is malformed (RFC 9110 §14.2 says a server MAY
+    ignore it; Starlette's 400 is wrong), or it asks for too much.
+    Raises RangeNotSatisfiable when the header is valid but no range overlaps.
+    """
+    unit, sep, specs = header.partition("=")
+    if not sep or unit.strip().lower() != "bytes":
+        return None
+    # Bound the work before splitting a huge header.
+    if specs.count(",") >= 4 * MAX_RANGES:
+        return None
+    wanted: list[Range] = []
+    satisfiable_seen = False
+    count = 0
+    for raw in specs.split(","):
+        spec = raw.strip(" \t")
+        if not spec:
+            continue  # RFC 9110 §5.6.1: empty list elements are allowed
+        count += 1
+        m = _SPEC.match(spec)
+        if m is None or (not m.group(1) and not m.group(2)):
+            return None
+        first, last = m.group(1), m.group(2)
+        if first:
+            start = int(first)
+            end = int(last) if last else size - 1
+            if last and end < start:
+                return None  # §14.1.1: invalid range-spec, so the header is ignored
+            if start >= size:
+                continue  # unsatisfiable on its own
+            wanted.append((start, min(end, size - 1)))
+        else:
+            suffix = int(last)
+            if suffix == 0:
+                continue  # `bytes=-0` asks for nothing
+            if size == 0:
+                satisfiable_seen = True
+                continue
+            wanted.append((max(0, size - suffix), size - 1))
+    if count == 0 or count > MAX_RANGES:
+        return None
+    if not wanted:
+        if satisfiable_seen:
+            return None  # a zero-length file: send it whole
+        raise RangeNotSatisfiable(size)
+    if sum(end - start + 1 for start, end in wanted) > size:
+        return None
+    return coalesce(wanted)
+
+
+def coalesce(ranges: Iterable[Range]) -> list[Range]:
+    """Merge overlapping and adjacent ranges (RFC 9110 §14.6 asks for it)."""
+    out: list[Range] = []
+    for start, end in sorted(ranges):
+        if out and start <= out[-1][1] + 1:
+            out[-1] = (out[-1][0], max(out[-1][1], end))
+        else:
+            out.append((start, end))
+    return out
+
+
+def content_range(r: Range, size: int) -> str:
+    return f"bytes {r[0]}-{r[1]}/{size}"
+
+
+def multipart_parts(
+    ranges: list[Range], size: int, content_type: str, boundary: str
+) -> tuple[list[bytes], bytes, int]:
+    """The part headers, the closing delimiter and the exact body length.
+
+    Part i is `heads[i]` + the bytes of `ranges[i]` + CRLF; the body ends with
+    `tail` (RFC 9110 §14.6, RFC 2046 §5.1.1).
+    """
+    heads = [
+        (
+            f"--{boundary}\r\nContent-Type: {content_type}\r\n"
+            f"Content-Range: {content_range(r, size)}\r\n\r\n"
+        ).encode("latin-1")
+        for r in ranges
+    ]
+    tail = f"--{boundary}--\r\n".encode("latin-1")
+    length = sum(len(h) for h in heads) + sum(e - s + 1 + 2 for s, e in ranges) + len(tail)
+    return heads, tail, length

@@ -1,0 +1,256 @@
+"""Load a site module (`sites/NAME.py`) once, validate it, freeze it.
+
+A site is a plain Python module whose upper-case constants are the database
+settings, named as in eZ Publish's per-siteaccess `index_image-*.php` so that
+its users recognise them. Every error names the file and the constant, as
+uvicorn's importer names the module it could not import.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib.util
+import os
+import re
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+BACKENDS = ("mysql", "pgsql", "sqlite")
+DEFAULT_PORTS = {"mysql": 3306, "pgsql": 5432}
+# eZ's DBChunkSize is 65535, the largest value a MySQL BLOB holds; anything
+# over 16 MiB would also overflow a MEDIUMBLOB and makes per-response memory
+# unreasonable.
+MAX_CHUNK_SIZE = 16 * 1024 * 1024
+# Paths that eZ's RewriteRule sends to index_image.php:
+#   ^/var/([^/]+/)?storage/images(-versioned)?/.*
+VAR_DIR_RE = re.compile(r"^var(/[^/]+)?$")
+
+
+class SiteConfigError(Exception):
+    """A site module that cannot be loaded; the message names file and constant."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """The validated, immutable settings of one site."""
+
+    source: str
+    name: str
+    backend: str
+    host: str
+    port: int
+    socket: str | None
+    user: str
+    password: str = dataclasses.field(repr=False)
+    database: str
+    chunk_size: int
+    charset: str
+    pool_size: int
+    connect_timeout: float
+    acquire_timeout: float
+    expiry_timeout: int
+    var_dir: str | None
+    http_cache: bool
+    http_range: bool
+    cache_control: str
+    cache_control_versioned: str
+    retry_after: int
+    download_non_images: bool
+
+    def describe(self) -> str:
+        """Where the site's data lives, for logs: never shows the password."""
+        if self.backend == "sqlite":
+            return f"sqlite:{self.database}"
+        where = self.socket or f"{self.host}:{self.port}"
+        return f"{self.backend}://{self.user}@{where}/{self.database}"
+
+
+def _str(v: Any) -> str:
+    if not isinstance(v, str):
+        raise ValueError("must be a string")
+    return v
+
+
+def _opt_str(v: Any) -> str | None:
+    if v is None or v == "":
+        return None
+    return _str(v)
+
+
+def _int_range(lo: int, hi: int) -> Callable[[Any], int]:
+    def check(v: Any) -> int:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ValueError(f"must be a whole number from {lo} to {hi}")
+        if not lo <= v <= hi:
+            raise ValueError(f"must be a whole number from {lo} to {hi}, not {v}")
+        return v
+
+    return check
+
+
+def _seconds(v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, int | float) or not 0 < v <= 600:
+        raise ValueError("must be a number of seconds above 0 and at most 600")
+    return float(v)
+
+
+def _bool(v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise ValueError("must be True or False")
+    return v
+
+
+def _backend(v: Any) -> str:
+    # eZ 4.x names its MySQL handlers mysqli / dfsmysqli: same tables for us.
+    aliases = {"mysqli": "mysql", "dfsmysqli": "mysql", "postgresql": "pgsql"}
+    v = aliases.get(v, v) if isinstance(v, str) else v
+    if v not in BACKENDS:
+        raise ValueError(f"must be one of {', '.join(map(repr, BACKENDS))}, not {v!r}")
+    return str(v)
+
+
+def _var_dir(v: Any) -> str | None:
+    if v is None:
+        return None
+    v = _str(v).strip("/")
+    if not VAR_DIR_RE.match(v) or v.endswith(("/.", "/..")):
+        raise ValueError(f"must look like 'var' or 'var/<dir>', not {v!r}")
+    return v
+
+
+def _header_value(v: Any) -> str:
+    v = _str(v)
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in v):
+        raise ValueError("must not contain control characters")
+    return v
+
+
+# name -> (validator, default). A default of ... means required.
+_CONSTANTS: dict[str, tuple[Callable[[Any], Any], Any]] = {
+    "STORAGE_BACKEND": (_backend, "sqlite"),
+    "STORAGE_HOST": (_str, "127.0.0.1"),
+    "STORAGE_PORT": (_int_range(1, 65535), None),
+    "STORAGE_SOCKET": (_opt_str, None),
+    "STORAGE_USER": (_str, ""),
+    "STORAGE_PASS": (_str, ""),
+    "STORAGE_DB": (_str, ...),
+    "STORAGE_CHUNK_SIZE": (_int_range(1, MAX_CHUNK_SIZE), 65535),
+    "STORAGE_CHARSET": (_str, "utf8mb4"),
+    "STORAGE_POOL_SIZE": (_int_range(1, 1000), 10),
+    "STORAGE_CONNECT_TIMEOUT": (_seconds, 2.0),
+    "STORAGE_ACQUIRE_TIMEOUT": (_seconds, 1.0),
+    "EXPIRY_TIMEOUT": (_int_range(0, 10 * 365 * 86400), 6000),
+    "VAR_DIR": (_var_dir, None),
+    "HTTP_CACHE": (_bool, True),
+    "HTTP_RANGE": (_bool, True),
+    "CACHE_CONTROL": (_header_value, None),
+    "CACHE_CONTROL_VERSIONED": (_header_value, None),
+    "RETRY_AFTER": (_int_range(0, 86400), 5),
+    "DOWNLOAD_NON_IMAGES": (_bool, False),
+}
+KNOWN_CONSTANTS = tuple(_CONSTANTS)
+
+
+def _error(source: str, name: str, message: str) -> SiteConfigError:
+    return SiteConfigError(f"{source}: {name} {message}")
+
+
+def settings_from_mapping(values: Mapping[str, Any], source: str, name: str = "") -> Settings:
+    """Validate a site's constants; `source` names the file in every error."""
+    for key in values:
+        if key.isupper() and not key.startswith("_") and key not in _CONSTANTS:
+            close = difflib.get_close_matches(key, KNOWN_CONSTANTS, n=1, cutoff=0.75)
+            hint = (
+                f"did you mean {close[0]}?"
+                if close
+                else "(prefix it with _ if it is a helper of your own)"
+            )
+            raise _error(source, key, f"is not a setting serve-image knows: {hint}")
+    out: dict[str, Any] = {}
+    for key, (check, default) in _CONSTANTS.items():
+        if key in values:
+            try:
+                out[key] = check(values[key])
+            except ValueError as e:
+                raise _error(source, key, str(e)) from None
+        elif default is ...:
+            raise _error(source, key, "is missing")
+        else:
+            out[key] = default
+    backend = out["STORAGE_BACKEND"]
+    port = out["STORAGE_PORT"] or DEFAULT_PORTS.get(backend, 0)
+    database = out["STORAGE_DB"]
+    if not database:
+        raise _error(source, "STORAGE_DB", "must not be empty")
+    if backend == "sqlite" and database != ":memory:" and not os.path.isabs(database):
+        # A relative sqlite path is relative to the site file, not to wherever
+        # the server happens to be started from.
+        base = Path(source).parent if source.endswith(".py") else Path.cwd()
+        database = str((base / database).resolve())
+    max_age = f"max-age={out['EXPIRY_TIMEOUT']}"
+    cache_control = out["CACHE_CONTROL"] or f"public, {max_age}"
+    return Settings(
+        source=source,
+        name=name or Path(source).stem,
+        backend=backend,
+        host=out["STORAGE_HOST"],
+        port=port,
+        socket=out["STORAGE_SOCKET"],
+        user=out["STORAGE_USER"],
+        password=out["STORAGE_PASS"],
+        database=database,
+        chunk_size=out["STORAGE_CHUNK_SIZE"],
+        charset=out["STORAGE_CHARSET"],
+        pool_size=out["STORAGE_POOL_SIZE"],
+        connect_timeout=out["STORAGE_CONNECT_TIMEOUT"],
+        acquire_timeout=out["STORAGE_ACQUIRE_TIMEOUT"],
+        expiry_timeout=out["EXPIRY_TIMEOUT"],
+        var_dir=out["VAR_DIR"],
+        http_cache=out["HTTP_CACHE"],
+        http_range=out["HTTP_RANGE"],
+        cache_control=cache_control,
+        # Files under images-versioned never change under one name (eZ
+        # writes a new version path instead), so they may be cached as
+        # immutable (RFC 8246).
+        cache_control_versioned=out["CACHE_CONTROL_VERSIONED"] or f"{cache_control}, immutable",
+        retry_after=out["RETRY_AFTER"],
+        download_non_images=out["DOWNLOAD_NON_IMAGES"],
+    )
+
+
+def resolve_site_path(site: str) -> Path:
+    """`NAME` -> `$SERVE_IMAGE_SITES/NAME.py` (default `./sites`); a path is taken as is."""
+    if site.endswith(".py") or os.sep in site or "/" in site:
+        return Path(site)
+    base = Path(os.environ.get("SERVE_IMAGE_SITES", "sites"))
+    return base / f"{site}.py"
+
+
+def load_site(site: str) -> Settings:
+    """Import a site module by name or path and return its validated settings."""
+    path = resolve_site_path(site)
+    source = str(path)
+    if not path.is_file():
+        raise SiteConfigError(f'Could not find site "{site}": no file {source}')
+    spec = importlib.util.spec_from_file_location(f"serve_image_site_{path.stem}", path)
+    if spec is None or spec.loader is None:
+        raise SiteConfigError(f'Could not load site "{site}" from {source}')
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:  # the site file is user code: report, don't crash
+        line = ""
+        tb = e.__traceback__
+        while tb is not None:
+            if tb.tb_frame.f_code.co_filename == str(path):
+                line = f", line {tb.tb_lineno}"
+            tb = tb.tb_next
+        raise SiteConfigError(
+            f"{source}{line}: could not run the site module: {type(e).__name__}: {e}"
+        ) from None
+    finally:
+        sys.modules.pop(spec.name, None)
+    return settings_from_mapping(vars(module), source, path.stem)
