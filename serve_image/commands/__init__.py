@@ -1,0 +1,1 @@
+"""One module per group of `serve-image` commands; each has `register(subparsers)`."""

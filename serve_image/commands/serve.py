@@ -1,0 +1,97 @@
+"""`serve-image init-db`, `serve` and `demo`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import os
+import time
+from pathlib import Path
+
+from serve_image.backends import make_backend
+from serve_image.cli import add_site_argument, run_with_backend
+from serve_image.samples import demo_files
+from serve_image.settings import Settings, load_site, resolve_site_path
+
+
+def cmd_init_db(args: argparse.Namespace) -> int:
+    settings = load_site(args.site)
+    asyncio.run(run_with_backend(settings, lambda b: b.create_tables()))
+    print(f"tables ready in {settings.describe()}")
+    return 0
+
+
+def _serve(site_path: Path, host: str, port: int, workers: int, log_level: str) -> None:
+    import uvicorn
+
+    # Every worker loads the site itself: pass the file, not the object.
+    os.environ["SERVE_IMAGE_SITE"] = str(site_path.resolve())
+    uvicorn.run(
+        "serve_image.app:from_environment", factory=True, host=host, port=port,
+        workers=workers, log_level=log_level, timeout_graceful_shutdown=30,
+        server_header=False,
+    )
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    settings = load_site(args.site)  # fail here, with the file and constant, not in a worker
+    make_backend(settings)  # and here if its driver is missing
+    _serve(resolve_site_path(args.site), args.host, args.port, args.workers, args.log_level)
+    return 0
+
+
+async def _ensure_demo(settings: Settings) -> list[str]:
+    backend = make_backend(settings)
+    await backend.connect()
+    try:
+        await backend.create_tables()
+        names = []
+        for name, datatype, data in demo_files(settings.var_dir or "var/demo"):
+            names.append(name)
+            if await backend.fetch_meta(hashlib.md5(name.encode()).hexdigest()) is not None:
+                continue
+            size = settings.chunk_size
+            await backend.store(
+                name, (data[i:i + size] for i in range(0, len(data), size)), size=len(data),
+                mtime=int(time.time()), datatype=datatype, scope="image",
+            )
+        return names
+    finally:
+        await backend.close()
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    settings = load_site(args.site)
+    names = asyncio.run(_ensure_demo(settings))
+    shown = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+    print(f"serve-image demo: {len(names)} files in {settings.describe()}; open:")
+    for name in names:
+        print(f"  http://{shown}:{args.port}/{name}")
+    print("Ctrl-C stops it.", flush=True)
+    _serve(resolve_site_path(args.site), args.host, args.port, 1, args.log_level)
+    return 0
+
+
+def _listen_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (8000)")
+    p.add_argument("--log-level", default="info",
+                   choices=["critical", "error", "warning", "info", "debug"])
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("init-db", help="create the cluster tables (idempotent, never drops data)")
+    add_site_argument(p)
+    p.set_defaults(func=cmd_init_db)
+
+    p = sub.add_parser("serve", help="serve a site's files over HTTP (uvicorn)")
+    add_site_argument(p)
+    _listen_arguments(p)
+    p.add_argument("--workers", type=int, default=1, help="worker processes (1)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("demo", help="create the SQLite demo database if absent and serve it")
+    p.add_argument("--site", default="demo", metavar="S", help="site to use (demo)")
+    _listen_arguments(p)
+    p.set_defaults(func=cmd_demo)

@@ -1,0 +1,200 @@
+"""Fixtures: real SQLite, MariaDB and PostgreSQL, each test session on databases of its own.
+
+DSNs come from SERVE_IMAGE_TEST_MYSQL and SERVE_IMAGE_TEST_PGSQL (defaults:
+this machine's servers). A missing server skips its tests, except with
+CI=true, where it fails them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+
+from serve_image.app import ServeImage
+from serve_image.backends import Backend, make_backend
+from serve_image.settings import Settings, settings_from_mapping
+from tests.helpers import SpyBackend
+
+MYSQL_DSN = os.environ.get("SERVE_IMAGE_TEST_MYSQL", "mysql://root@127.0.0.1:3306")
+PGSQL_DSN = os.environ.get("SERVE_IMAGE_TEST_PGSQL", "postgresql://postgres@127.0.0.1:5432")
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+BACKENDS = ["sqlite", "mysql", "pgsql"]
+RUN_ID = f"si_test_{os.getpid()}_{secrets.token_hex(3)}"
+
+
+def server_missing(what: str, error: BaseException) -> None:
+    message = f"{what} is not reachable ({type(error).__name__}: {error})"
+    if IN_CI:
+        pytest.fail(f"CI=true and {message}", pytrace=False)
+    pytest.skip(message)
+
+
+def _server_constants(backend: str) -> dict[str, Any]:
+    url = urlsplit(MYSQL_DSN if backend == "mysql" else PGSQL_DSN)
+    return {
+        "STORAGE_BACKEND": backend,
+        "STORAGE_HOST": url.hostname or "127.0.0.1",
+        "STORAGE_PORT": url.port or (3306 if backend == "mysql" else 5432),
+        "STORAGE_USER": url.username or "",
+        "STORAGE_PASS": url.password or "",
+    }
+
+
+async def _create_database(backend: str, name: str) -> None:
+    c = _server_constants(backend)
+    if backend == "mysql":
+        import aiomysql
+
+        conn = await aiomysql.connect(
+            host=c["STORAGE_HOST"], port=c["STORAGE_PORT"], user=c["STORAGE_USER"],
+            password=c["STORAGE_PASS"], connect_timeout=3,
+        )
+        async with conn.cursor() as cur:
+            await cur.execute(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4")
+        conn.close()
+    else:
+        import asyncpg
+
+        conn = await asyncpg.connect(
+            host=c["STORAGE_HOST"], port=c["STORAGE_PORT"], user=c["STORAGE_USER"],
+            password=c["STORAGE_PASS"] or None, database="postgres", timeout=3,
+        )
+        await conn.execute(f'CREATE DATABASE "{name}"')
+        await conn.close()
+
+
+async def _drop_database(backend: str, name: str) -> None:
+    c = _server_constants(backend)
+    if backend == "mysql":
+        import aiomysql
+
+        conn = await aiomysql.connect(
+            host=c["STORAGE_HOST"], port=c["STORAGE_PORT"], user=c["STORAGE_USER"],
+            password=c["STORAGE_PASS"], connect_timeout=3,
+        )
+        async with conn.cursor() as cur:
+            await cur.execute(f"DROP DATABASE IF EXISTS `{name}`")
+        conn.close()
+    else:
+        import asyncpg
+
+        conn = await asyncpg.connect(
+            host=c["STORAGE_HOST"], port=c["STORAGE_PORT"], user=c["STORAGE_USER"],
+            password=c["STORAGE_PASS"] or None, database="postgres", timeout=3,
+        )
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await conn.close()
+
+
+class DatabaseFactory:
+    """Creates uniquely named databases on a server and drops them all at the end."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.created: list[tuple[str, str]] = []
+        self.count = 0
+
+    async def constants(self, backend: str, **extra: Any) -> dict[str, Any]:
+        self.count += 1
+        name = f"{RUN_ID}_{self.count}"
+        if backend == "sqlite":
+            values: dict[str, Any] = {"STORAGE_BACKEND": "sqlite",
+                                      "STORAGE_DB": str(self.tmp / f"{name}.sqlite")}
+        else:
+            try:
+                await asyncio.wait_for(_create_database(backend, name), 10)
+            except Exception as e:  # any failure to reach the server
+                server_missing(backend, e)
+            self.created.append((backend, name))
+            values = {**_server_constants(backend), "STORAGE_DB": name}
+        values.update(extra)
+        return values
+
+    async def settings(self, backend: str, **extra: Any) -> Settings:
+        values = await self.constants(backend, **extra)
+        return settings_from_mapping(values, f"<test {backend}>", "test")
+
+    async def drop_all(self) -> None:
+        for backend, name in self.created:
+            await _drop_database(backend, name)
+
+
+@pytest.fixture(scope="session")
+async def databases(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[DatabaseFactory]:
+    factory = DatabaseFactory(tmp_path_factory.mktemp("sqlite"))
+    yield factory
+    await factory.drop_all()
+
+
+@pytest.fixture(scope="session")
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(params=BACKENDS)
+def backend_name(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+_shared: dict[str, Settings] = {}
+
+
+@pytest.fixture
+async def settings(databases: DatabaseFactory, backend_name: str) -> Settings:
+    """One database per backend for the session, emptied before each test."""
+    if backend_name not in _shared:
+        _shared[backend_name] = await databases.settings(backend_name, STORAGE_CHUNK_SIZE=1000)
+        b = make_backend(_shared[backend_name])
+        await b.connect()
+        await b.create_tables()
+        await b.close()
+    s = _shared[backend_name]
+    b = make_backend(s)
+    await b.connect()
+    await b.execute("DELETE FROM ezdbfile_data")
+    await b.execute("DELETE FROM ezdbfile")
+    await b.close()
+    return s
+
+
+@pytest.fixture
+async def writer(settings: Settings) -> AsyncIterator[Backend]:
+    """A connected read-write backend for the test's own rows."""
+    b = make_backend(settings)
+    await b.connect()
+    yield b
+    await b.close()
+
+
+@pytest.fixture
+async def spy(settings: Settings) -> AsyncIterator[SpyBackend]:
+    b = SpyBackend(make_backend(settings, readonly=True))
+    yield b
+
+
+@pytest.fixture
+async def app(settings: Settings, spy: SpyBackend) -> AsyncIterator[ServeImage]:
+    a = ServeImage(settings, backend=spy)
+    await a.startup()
+    yield a
+    await a.shutdown()
+
+
+@pytest.fixture
+async def client(app: ServeImage) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as c:
+        yield c
+
+
+@pytest.fixture
+def repo_root() -> Iterator[Path]:
+    yield Path(__file__).resolve().parent.parent

@@ -1,0 +1,79 @@
+"""Test helpers: storing files with chosen chunks, a backend that counts its reads."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import socket
+from collections.abc import Sequence
+from typing import Any
+
+from serve_image.backends import Backend, Chunk, FileMeta
+
+IMG = "var/site/storage/images"
+
+
+def md5(name: str) -> str:
+    return hashlib.md5(name.encode("utf-8")).hexdigest()
+
+
+def payload(size: int, seed: int = 0) -> bytes:
+    return random.Random(seed).randbytes(size)
+
+
+def split(data: bytes, size: int) -> list[bytes]:
+    return [data[i:i + size] for i in range(0, len(data), size)] or []
+
+
+async def store(
+    backend: Backend, name: str, data: bytes, *, chunk: int | None = None,
+    chunks: Sequence[bytes] | None = None, datatype: str = "image/jpeg", mtime: int = 1_700_000_000,
+) -> None:
+    parts = list(chunks) if chunks is not None else split(data, chunk or backend.settings.chunk_size)
+    await backend.store(name, parts, size=len(data), mtime=mtime, datatype=datatype, scope="image")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class SpyBackend(Backend):
+    """A real backend, with a count of the queries that read chunk bytes."""
+
+    def __init__(self, inner: Backend) -> None:
+        super().__init__(inner.settings, readonly=inner.readonly)
+        self.inner = inner
+        self.calls: list[str] = []
+
+    @property
+    def chunk_reads(self) -> int:
+        return sum(1 for c in self.calls if c in ("fetch_first", "fetch_chunks"))
+
+    async def connect(self) -> None:
+        await self.inner.connect()
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+    async def fetch_meta(self, name_hash: str) -> FileMeta | None:
+        self.calls.append("fetch_meta")
+        return await self.inner.fetch_meta(name_hash)
+
+    async def fetch_first(self, name_hash: str) -> tuple[FileMeta, bytes | None] | None:
+        self.calls.append("fetch_first")
+        return await self.inner.fetch_first(name_hash)
+
+    async def fetch_chunks(self, meta: FileMeta, start: int, end: int, limit: int) -> list[Chunk]:
+        self.calls.append("fetch_chunks")
+        return await self.inner.fetch_chunks(meta, start, end, limit)
+
+    async def create_tables(self) -> None:
+        await self.inner.create_tables()
+
+    async def store(self, name: str, chunks: Any, **kw: Any) -> None:
+        await self.inner.store(name, chunks, **kw)
+
+    async def execute(self, sql: str, *args: object) -> None:
+        await self.inner.execute(sql, *args)
