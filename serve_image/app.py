@@ -50,6 +50,8 @@ class ServeImage:
             logger.info("serving %s from %s", self.settings.name, self.settings.describe())
 
     async def shutdown(self) -> None:
+        if self.endpoint.local_copies is not None:
+            await self.endpoint.local_copies.close()  # before the pool it reads from
         await self.backend.close()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -117,7 +119,10 @@ def create_app(site: str) -> ServeImage:
 
 
 def from_environment() -> ServeImage:
-    """Factory for plain uvicorn: `SERVE_IMAGE_SITE=demo uvicorn --factory serve_image.app:from_environment`."""
+    """Factory for plain uvicorn, the site named by $SERVE_IMAGE_SITE.
+
+    `SERVE_IMAGE_SITE=demo uvicorn --factory serve_image.app:from_environment`
+    """
     site = os.environ.get("SERVE_IMAGE_SITE")
     if not site:
         raise SystemExit("serve-image: set SERVE_IMAGE_SITE to a site name or file")

@@ -13,12 +13,12 @@ _MONTHS = {m: i for i, m in enumerate(
 _DAY = r"(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun)"
 _LONG_DAY = r"(?:Monday|Tuesday|Wednesday|Thursday|Friday|Saturday|Sunday)"
 _MON = r"(Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec)"
-_TIME = r"(\d\d):(\d\d):(\d\d)"
+_TIME = r"([0-9]{2}):([0-9]{2}):([0-9]{2})"
 # RFC 9110 §5.6.7: IMF-fixdate, and the obsolete rfc850-date and asctime-date
 # that a recipient MUST accept.
-_IMF = re.compile(rf"^{_DAY}, (\d\d) {_MON} (\d{{4}}) {_TIME} GMT$")
-_RFC850 = re.compile(rf"^{_LONG_DAY}, (\d\d)-{_MON}-(\d\d) {_TIME} GMT$")
-_ASCTIME = re.compile(rf"^{_DAY} {_MON} ([ \d]\d) {_TIME} (\d{{4}})$")
+_IMF = re.compile(rf"^{_DAY}, ([0-9]{{2}}) {_MON} ([0-9]{{4}}) {_TIME} GMT$")
+_RFC850 = re.compile(rf"^{_LONG_DAY}, ([0-9]{{2}})-{_MON}-([0-9]{{2}}) {_TIME} GMT$")
+_ASCTIME = re.compile(rf"^{_DAY} {_MON} ([ 0-9][0-9]) {_TIME} ([0-9]{{4}})$")
 _ETAG = re.compile(r'\s*(W/)?("[\x21\x23-\x7e\x80-\xff]*")\s*(?:,|$)')
 
 
@@ -50,7 +50,7 @@ def parse_http_date(value: str) -> int | None:
     if not (1 <= fields[2] <= 31 and fields[3] < 24 and fields[4] < 60 and fields[5] < 61):
         return None
     try:
-        return calendar.timegm(fields + (0, 0, 0))
+        return calendar.timegm((*fields, 0, 0, 0))
     except (ValueError, OverflowError):
         return None
 

@@ -23,6 +23,7 @@ from serve_image.errors import (
     StreamAborted,
 )
 from serve_image.headers import Clock, content_disposition, content_type, is_download, type_headers
+from serve_image.localcopy import LocalCopies
 from serve_image.paths import request_name
 from serve_image.settings import Settings
 
@@ -64,6 +65,8 @@ class ImageEndpoint:
         self.fixed = fixed
         self.cache_control = settings.cache_control.encode("latin-1")
         self.cache_control_versioned = settings.cache_control_versioned.encode("latin-1")
+        # LOCAL_COPY_DIR: files served whole are copied to disk after the response.
+        self.local_copies = LocalCopies.for_site(settings, backend)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         raw_path: bytes = scope.get("raw_path") or scope["path"].encode("utf-8")
@@ -98,9 +101,8 @@ class ImageEndpoint:
         last_modified = meta.mtime if s.http_cache else None
         headers: Headers = list(type_headers(meta.datatype, False))
         headers += self.fixed
-        headers.append(
-            (b"cache-control", self.cache_control_versioned if file.versioned else self.cache_control)
-        )
+        cache_control = self.cache_control_versioned if file.versioned else self.cache_control
+        headers.append((b"cache-control", cache_control))
         headers.append((b"expires", self.clock.expires()))
         if etag is not None and last_modified is not None:
             headers.append((b"etag", etag.encode("latin-1")))
@@ -148,6 +150,8 @@ class ImageEndpoint:
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         if method == "HEAD" or meta.size == 0:
             await send({"type": "http.response.body", "body": b""})
+            if method == "GET" and self.local_copies is not None:
+                self.local_copies.offer(name, meta, b"")
             return
         if first is not None and len(first) >= meta.size:
             # The common case: a small image, read with its row in one query.
@@ -155,6 +159,8 @@ class ImageEndpoint:
                 logger.error("aborted %s: first chunk longer than the file's size", name)
                 return
             await send({"type": "http.response.body", "body": first})
+            if self.local_copies is not None:
+                self.local_copies.offer(name, meta, first)
             return
         pos = 0
         if first:
@@ -162,6 +168,8 @@ class ImageEndpoint:
             pos = len(first)
         if await self._stream(meta, pos, meta.size - 1, receive, send, name):
             await send({"type": "http.response.body", "body": b""})
+            if self.local_copies is not None:
+                self.local_copies.offer(name, meta, None)
 
     async def _send_range(
         self, method: str, meta: FileMeta, r: ranges.Range, headers: Headers,

@@ -9,7 +9,7 @@ from collections.abc import Iterable
 # server MAY ignore Range); with coalescing and the total-size check below no
 # request can cost more than a full download.
 MAX_RANGES = 16
-_SPEC = re.compile(r"^(\d*)-(\d*)$")
+_SPEC = re.compile(r"^([0-9]*)-([0-9]*)$")
 
 Range = tuple[int, int]  # first and last byte, inclusive, as in Content-Range
 

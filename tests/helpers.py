@@ -57,6 +57,9 @@ class SpyBackend(Backend):
     async def close(self) -> None:
         await self.inner.close()
 
+    async def ping(self) -> None:
+        await self.inner.ping()  # start-up and health checks are not the request's reads
+
     async def fetch_meta(self, name_hash: str) -> FileMeta | None:
         self.calls.append("fetch_meta")
         return await self.inner.fetch_meta(name_hash)

@@ -1,0 +1,275 @@
+"""HTTP semantics over real databases (issue 3): conditional requests and ranges."""
+
+from __future__ import annotations
+
+import dataclasses
+import email
+import email.policy
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+
+from serve_image.app import ServeImage
+from serve_image.backends import Backend, make_backend
+from serve_image.conditional import http_date
+from serve_image.settings import Settings
+from tests.helpers import IMG, SpyBackend, md5, payload, store
+
+MTIME = 1_700_000_000
+NAME = f"{IMG}/multi.bin"
+URL = f"/{NAME}"
+DATA = payload(10_000, seed=42)  # 10 chunks of 1000 bytes
+
+
+@pytest.fixture
+async def stored(writer: Backend) -> bytes:
+    await store(writer, NAME, DATA, datatype="image/png", mtime=MTIME)
+    return DATA
+
+
+async def etag_of(client: httpx.AsyncClient) -> str:
+    return (await client.head(URL)).headers["etag"]
+
+
+# -- ranges ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("spec", "first", "last"),
+    [
+        ("999-1000", 999, 1000),  # a chunk's last byte to the next chunk's first
+        ("999-3000", 999, 3000),  # across three chunks and more
+        ("1000-1999", 1000, 1999),  # exactly one chunk
+        ("0-0", 0, 0),
+        ("9999-", 9999, 9999),
+        ("-1", 9999, 9999),
+        ("-1001", 8999, 9999),
+        ("5000-99999", 5000, 9999),  # clamped
+        ("0-", 0, 9999),
+        ("1234-5678", 1234, 5678),
+    ],
+)
+async def test_single_range(
+    stored: bytes, client: httpx.AsyncClient, spec: str, first: int, last: int
+) -> None:
+    r = await client.get(URL, headers={"Range": f"bytes={spec}"})
+    assert r.status_code == 206
+    assert r.headers["content-range"] == f"bytes {first}-{last}/10000"
+    assert r.headers["content-length"] == str(last - first + 1)
+    assert r.headers["content-type"] == "image/png"
+    assert r.content == stored[first : last + 1]
+
+
+async def test_range_reads_only_overlapping_chunks(
+    stored: bytes, client: httpx.AsyncClient, spy: SpyBackend, settings: Settings
+) -> None:
+    """A range costs a key-range query for its own chunks, whatever the file's size."""
+    r = await client.get(URL, headers={"Range": "bytes=2500-3500"})
+    assert r.content == stored[2500:3501]
+    assert spy.calls == ["fetch_meta", "fetch_chunks"]
+    reader = make_backend(settings, readonly=True)
+    await reader.connect()
+    try:
+        meta = await reader.fetch_meta(md5(NAME))
+        assert meta is not None
+        chunks = await reader.fetch_chunks(meta, 2500, 3500, 100)
+    finally:
+        await reader.close()
+    assert [c.offset for c in chunks] == [2000, 3000]
+
+
+async def test_multipart_byteranges(stored: bytes, client: httpx.AsyncClient) -> None:
+    r = await client.get(URL, headers={"Range": "bytes=0-9,999-1000,9990-"})
+    assert r.status_code == 206
+    ctype = r.headers["content-type"]
+    assert ctype.startswith("multipart/byteranges; boundary=")
+    assert int(r.headers["content-length"]) == len(r.content)
+    msg = email.message_from_bytes(
+        f"Content-Type: {ctype}\r\n\r\n".encode() + r.content, policy=email.policy.HTTP
+    )
+    parts = list(msg.iter_parts())
+    assert [p["Content-Range"] for p in parts] == [
+        "bytes 0-9/10000",
+        "bytes 999-1000/10000",
+        "bytes 9990-9999/10000",
+    ]
+    assert all(p["Content-Type"] == "image/png" for p in parts)
+    assert [p.get_payload(decode=True) for p in parts] == [
+        stored[0:10],
+        stored[999:1001],
+        stored[9990:],
+    ]
+
+
+async def test_overlapping_ranges_coalesce_to_one(stored: bytes, client: httpx.AsyncClient) -> None:
+    r = await client.get(URL, headers={"Range": "bytes=0-99,50-199,200-299"})
+    assert r.status_code == 206
+    assert r.headers["content-range"] == "bytes 0-299/10000"
+    assert r.content == stored[:300]
+
+
+async def test_too_many_ranges_send_whole_file(stored: bytes, client: httpx.AsyncClient) -> None:
+    spec = ",".join(f"{i * 100}-{i * 100 + 1}" for i in range(17))
+    r = await client.get(URL, headers={"Range": f"bytes={spec}"})
+    assert (r.status_code, r.content) == (200, stored)
+
+
+@pytest.mark.parametrize("spec", ["bytes=10000-", "bytes=-0", "bytes=20000-30000"])
+async def test_unsatisfiable_416(
+    stored: bytes, client: httpx.AsyncClient, spy: SpyBackend, spec: str
+) -> None:
+    r = await client.get(URL, headers={"Range": spec})
+    assert r.status_code == 416
+    assert r.headers["content-range"] == "bytes */10000"
+    assert spy.chunk_reads == 0
+
+
+@pytest.mark.parametrize("spec", ["items=0-1", "bytes=5-1", "bytes=abc", "bytes=1-2;3"])
+async def test_malformed_range_is_ignored(
+    stored: bytes, client: httpx.AsyncClient, spec: str
+) -> None:
+    r = await client.get(URL, headers={"Range": spec})
+    assert (r.status_code, r.content) == (200, stored)
+
+
+async def test_head_with_range_is_206_without_body(
+    stored: bytes, client: httpx.AsyncClient, spy: SpyBackend
+) -> None:
+    r = await client.head(URL, headers={"Range": "bytes=10-19"})
+    assert r.status_code == 206
+    assert r.headers["content-range"] == "bytes 10-19/10000"
+    assert r.headers["content-length"] == "10"
+    assert r.content == b""
+    assert spy.chunk_reads == 0
+
+
+async def test_if_range_etag(stored: bytes, client: httpx.AsyncClient) -> None:
+    etag = await etag_of(client)
+    r = await client.get(URL, headers={"Range": "bytes=0-9", "If-Range": etag})
+    assert (r.status_code, r.content) == (206, stored[:10])
+    r = await client.get(URL, headers={"Range": "bytes=0-9", "If-Range": '"stale"'})
+    assert (r.status_code, r.content) == (200, stored)
+
+
+async def test_if_range_date(stored: bytes, client: httpx.AsyncClient) -> None:
+    r = await client.get(URL, headers={"Range": "bytes=0-9", "If-Range": http_date(MTIME)})
+    assert r.status_code == 206
+    r = await client.get(URL, headers={"Range": "bytes=0-9", "If-Range": http_date(MTIME - 5)})
+    assert r.status_code == 200
+
+
+# -- conditional requests ---------------------------------------------------
+
+
+async def test_if_none_match_304_reads_no_chunk(
+    stored: bytes, client: httpx.AsyncClient, spy: SpyBackend
+) -> None:
+    etag = await etag_of(client)
+    r = await client.get(URL, headers={"If-None-Match": etag})
+    assert r.status_code == 304
+    assert r.content == b""
+    assert r.headers["etag"] == etag
+    assert r.headers["cache-control"] == "public, max-age=6000"
+    assert "expires" in r.headers
+    # §15.4.5: no representation metadata beyond those.
+    assert "content-type" not in r.headers
+    assert "last-modified" not in r.headers
+    assert "content-length" not in r.headers
+    assert spy.chunk_reads == 0
+
+
+async def test_if_none_match_other_tag_200(stored: bytes, client: httpx.AsyncClient) -> None:
+    r = await client.get(URL, headers={"If-None-Match": '"nope", W/"other"'})
+    assert (r.status_code, r.content) == (200, stored)
+
+
+async def test_if_modified_since_304(
+    stored: bytes, client: httpx.AsyncClient, spy: SpyBackend
+) -> None:
+    r = await client.get(URL, headers={"If-Modified-Since": http_date(MTIME)})
+    assert r.status_code == 304
+    assert spy.chunk_reads == 0
+    r = await client.get(URL, headers={"If-Modified-Since": http_date(MTIME - 1)})
+    assert (r.status_code, r.content) == (200, stored)
+
+
+async def test_if_modified_since_bad_date_ignored(stored: bytes, client: httpx.AsyncClient) -> None:
+    r = await client.get(URL, headers={"If-Modified-Since": "yesterday"})
+    assert (r.status_code, r.content) == (200, stored)
+
+
+async def test_if_match_412_reads_no_chunk(
+    stored: bytes, client: httpx.AsyncClient, spy: SpyBackend
+) -> None:
+    r = await client.get(URL, headers={"If-Match": '"other"'})
+    assert r.status_code == 412
+    assert spy.chunk_reads == 0
+    etag = await etag_of(client)
+    assert (await client.get(URL, headers={"If-Match": etag})).content == stored
+
+
+async def test_if_unmodified_since_412(stored: bytes, client: httpx.AsyncClient) -> None:
+    r = await client.get(URL, headers={"If-Unmodified-Since": http_date(MTIME - 1)})
+    assert r.status_code == 412
+    r = await client.get(URL, headers={"If-Unmodified-Since": http_date(MTIME)})
+    assert r.status_code == 200
+
+
+async def test_head_304(stored: bytes, client: httpx.AsyncClient) -> None:
+    etag = await etag_of(client)
+    r = await client.head(URL, headers={"If-None-Match": etag})
+    assert r.status_code == 304
+
+
+# -- per-site switches -----------------------------------------------------------
+
+
+@pytest.fixture
+async def app_with(settings: Settings) -> AsyncIterator[object]:
+    apps: list[ServeImage] = []
+
+    async def make(**changes: object) -> httpx.AsyncClient:
+        a = ServeImage(dataclasses.replace(settings, **changes))
+        await a.startup()
+        apps.append(a)
+        return httpx.AsyncClient(transport=httpx.ASGITransport(app=a), base_url="http://t")
+
+    yield make
+    for a in apps:
+        await a.shutdown()
+
+
+async def test_http_cache_off(stored: bytes, app_with) -> None:  # type: ignore[no-untyped-def]
+    client = await app_with(http_cache=False)
+    r = await client.get(URL, headers={"If-None-Match": "*"})
+    assert (r.status_code, r.content) == (200, stored)
+    assert "etag" not in r.headers and "last-modified" not in r.headers
+
+
+async def test_http_range_off(stored: bytes, app_with) -> None:  # type: ignore[no-untyped-def]
+    client = await app_with(http_range=False)
+    r = await client.get(URL, headers={"Range": "bytes=0-1"})
+    assert (r.status_code, r.content) == (200, stored)
+    assert "accept-ranges" not in r.headers
+
+
+async def test_cache_control_setting(stored: bytes, app_with) -> None:  # type: ignore[no-untyped-def]
+    client = await app_with(cache_control="private, no-cache")
+    r = await client.get(URL)
+    assert r.headers["cache-control"] == "private, no-cache"
+
+
+async def test_download_non_images(writer: Backend, app_with) -> None:  # type: ignore[no-untyped-def]
+    name = f'{IMG}/r\u00e9sum\u00e9 "final".pdf'
+    await store(writer, name, b"%PDF-1.4", datatype="application/pdf")
+    await store(writer, f"{IMG}/p.png", b"png", datatype="image/png")
+    client = await app_with(download_non_images=True)
+    from urllib.parse import quote
+
+    r = await client.get("/" + quote(name))
+    assert r.headers["content-disposition"] == (
+        'attachment; filename="r_sum_ _final_.pdf"; '
+        "filename*=UTF-8''r%C3%A9sum%C3%A9%20%22final%22.pdf"
+    )
+    assert "content-disposition" not in (await client.get(f"/{IMG}/p.png")).headers

@@ -1,0 +1,158 @@
+"""Site modules: loaded once, validated, errors naming the file and the constant."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from serve_image.cli import main
+from serve_image.settings import SiteConfigError, load_site, settings_from_mapping
+
+
+def write_site(tmp_path: Path, text: str, name: str = "site") -> Path:
+    path = tmp_path / f"{name}.py"
+    path.write_text(text)
+    return path
+
+
+def test_minimal_sqlite_site_defaults(tmp_path: Path) -> None:
+    path = write_site(tmp_path, 'STORAGE_DB = "files.sqlite"\n')
+    s = load_site(str(path))
+    assert s.backend == "sqlite"
+    assert s.database == str(tmp_path / "files.sqlite")  # relative to the site file
+    assert s.chunk_size == 65535
+    assert s.expiry_timeout == 6000
+    assert s.cache_control == "public, max-age=6000"
+    assert s.cache_control_versioned == "public, max-age=6000, immutable"
+    assert s.name == "site"
+
+
+def test_mysql_site(tmp_path: Path) -> None:
+    path = write_site(
+        tmp_path,
+        "\n".join(
+            [
+                'STORAGE_BACKEND = "mysqli"',
+                'STORAGE_HOST = "db"',
+                'STORAGE_USER = "fred"',
+                'STORAGE_PASS = "secret"',
+                'STORAGE_DB = "cluster"',
+                'VAR_DIR = "var/intranet/"',
+            ]
+        ),
+    )
+    s = load_site(str(path))
+    assert (s.backend, s.host, s.port, s.database, s.var_dir) == (
+        "mysql",
+        "db",
+        3306,
+        "cluster",
+        "var/intranet",
+    )
+    assert "secret" not in repr(s)
+    assert s.describe() == "mysql://fred@db:3306/cluster"
+
+
+def test_site_by_name_from_env_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_site(tmp_path, 'STORAGE_DB = "x.sqlite"\n', "intranet")
+    monkeypatch.setenv("SERVE_IMAGE_SITES", str(tmp_path))
+    assert load_site("intranet").name == "intranet"
+
+
+def test_site_by_name_from_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "sites").mkdir()
+    write_site(tmp_path / "sites", 'STORAGE_DB = "x.sqlite"\n', "shop")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("SERVE_IMAGE_SITES", raising=False)
+    assert load_site("shop").database == str(tmp_path / "sites" / "x.sqlite")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            'STORAGE_BACKEND = "oracle"\nSTORAGE_DB = "x"',
+            "STORAGE_BACKEND must be one of 'mysql', 'pgsql', 'sqlite', not 'oracle'",
+        ),
+        (
+            'STORAGE_DB = "x"\nSTORAGE_CHUNK_SIZE = 0',
+            "STORAGE_CHUNK_SIZE must be a whole number from 1 to 16777216, not 0",
+        ),
+        (
+            'STORAGE_DB = "x"\nSTORAGE_CHUNK_SIZE = 20_000_000',
+            "STORAGE_CHUNK_SIZE must be a whole number from 1 to 16777216, not 20000000",
+        ),
+        (
+            'STORAGE_DB = "x"\nSTORAGE_CHUNK_SIZE = "65535"',
+            "STORAGE_CHUNK_SIZE must be a whole number from 1 to 16777216",
+        ),
+        (
+            'STORAGE_DB = "x"\nSTORAGE_PROT = 3306',
+            "STORAGE_PROT is not a setting serve-image knows: did you mean STORAGE_PORT?",
+        ),
+        (
+            'STORAGE_DB = "x"\nBASE = 1',
+            "BASE is not a setting serve-image knows: (prefix it with _ if it is a helper",
+        ),
+        ('STORAGE_BACKEND = "mysql"', "STORAGE_DB is missing"),
+        ('STORAGE_DB = ""', "STORAGE_DB must not be empty"),
+        ('STORAGE_DB = "x"\nHTTP_CACHE = "yes"', "HTTP_CACHE must be True or False"),
+        ('STORAGE_DB = "x"\nVAR_DIR = "/srv/var/x"', "VAR_DIR must look like 'var' or 'var/<dir>'"),
+        (
+            'STORAGE_DB = "x"\nSTORAGE_PORT = 70000',
+            "STORAGE_PORT must be a whole number from 1 to 65535, not 70000",
+        ),
+        (
+            'STORAGE_DB = "x"\nCACHE_CONTROL = "public\\r\\nX-Evil: 1"',
+            "CACHE_CONTROL must not contain control characters",
+        ),
+        (
+            'STORAGE_DB = "x"\nSTORAGE_CONNECT_TIMEOUT = 0',
+            "STORAGE_CONNECT_TIMEOUT must be a number of seconds above 0",
+        ),
+    ],
+)
+def test_errors_name_file_and_constant(tmp_path: Path, text: str, message: str) -> None:
+    path = write_site(tmp_path, text)
+    with pytest.raises(SiteConfigError) as e:
+        load_site(str(path))
+    assert str(e.value).startswith(f"{path}: ")
+    assert message in str(e.value)
+
+
+def test_helpers_with_underscore_are_allowed(tmp_path: Path) -> None:
+    path = write_site(tmp_path, '_BASE = "/srv"\nSTORAGE_DB = _BASE + "/x.sqlite"\n')
+    assert load_site(str(path)).database == "/srv/x.sqlite"
+
+
+def test_site_that_raises_names_file_and_line(tmp_path: Path) -> None:
+    path = write_site(tmp_path, 'STORAGE_DB = "x"\nSTORAGE_PORT = int("abc")\n')
+    with pytest.raises(SiteConfigError) as e:
+        load_site(str(path))
+    assert str(e.value).startswith(f"{path}, line 2: could not run the site module: ValueError")
+
+
+def test_missing_site_file(tmp_path: Path) -> None:
+    with pytest.raises(SiteConfigError, match='Could not find site "nope": no file'):
+        load_site("nope")
+
+
+def test_password_never_in_errors() -> None:
+    with pytest.raises(SiteConfigError) as e:
+        settings_from_mapping(
+            {"STORAGE_PASS": "hunter2", "STORAGE_DB": "x", "STORAGE_CHUNK_SIZE": -1}, "s.py"
+        )
+    assert "hunter2" not in str(e.value)
+
+
+def test_cli_reports_broken_site_on_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write_site(tmp_path, 'STORAGE_DB = "x"\nSTORAGE_CHUNK_SIZE = 0\n')
+    assert main(["serve", "--site", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"serve-image: error: {path}: STORAGE_CHUNK_SIZE must be a whole number "
+        "from 1 to 16777216, not 0\n"
+    )
