@@ -9,6 +9,9 @@ from collections.abc import AsyncIterator
 
 import httpx
 import pytest
+from hypothesis import HealthCheck, given
+from hypothesis import settings as settings_h
+from hypothesis import strategies as st
 
 from serve_image.app import ServeImage
 from serve_image.backends import Backend, make_backend
@@ -273,3 +276,39 @@ async def test_download_non_images(writer: Backend, app_with) -> None:  # type: 
         "filename*=UTF-8''r%C3%A9sum%C3%A9%20%22final%22.pdf"
     )
     assert "content-disposition" not in (await client.get(f"/{IMG}/p.png")).headers
+
+
+# -- properties over the stored file -------------------------------------------
+
+_SPEC = st.one_of(
+    st.tuples(st.integers(0, 12_000), st.integers(0, 12_000)).map(lambda t: f"{t[0]}-{t[1]}"),
+    st.integers(0, 12_000).map(lambda a: f"{a}-"),
+    st.integers(0, 12_000).map(lambda n: f"-{n}"),
+)
+
+
+@settings_h(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(specs=st.lists(_SPEC, min_size=1, max_size=4))
+async def test_any_satisfiable_range_is_the_stored_bytes(
+    stored: bytes, client: httpx.AsyncClient, specs: list[str]
+) -> None:
+    """Whatever the ranges, every byte sent is the stored byte at its Content-Range."""
+    r = await client.get(URL, headers={"Range": "bytes=" + ",".join(specs)})
+    assert r.status_code in (200, 206, 416)
+    if r.status_code == 200:
+        assert r.content == stored
+    elif r.status_code == 416:
+        assert r.headers["content-range"] == "bytes */10000"
+    elif r.headers["content-type"].startswith("multipart/byteranges"):
+        msg = email.message_from_bytes(
+            f"Content-Type: {r.headers['content-type']}\r\n\r\n".encode() + r.content,
+            policy=email.policy.HTTP,
+        )
+        for part in msg.iter_parts():
+            first, last = map(int, part["Content-Range"][6:].split("/")[0].split("-"))
+            assert part.get_payload(decode=True) == stored[first:last + 1]
+    else:
+        first, last = map(int, r.headers["content-range"][6:].split("/")[0].split("-"))
+        assert r.content == stored[first:last + 1]
