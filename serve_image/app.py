@@ -13,6 +13,7 @@ from starlette.routing import Route
 from serve_image.backends import Backend, make_backend
 from serve_image.endpoint import ImageEndpoint, Receive, Scope, Send
 from serve_image.errors import DatabaseUnavailable, HTTPError
+from serve_image.observability import observer_for
 from serve_image.ranges import RangeNotSatisfiable
 from serve_image.settings import Settings, load_site
 
@@ -28,9 +29,14 @@ class ServeImage:
         self.settings = settings
         self.backend = backend or make_backend(settings, readonly=True)
         self.endpoint = ImageEndpoint(settings, self.backend)
+        # None unless ACCESS_LOG or METRICS_PATH is set: then nothing wraps a request.
+        self.observer = observer_for(settings, self.backend)
+        routes = [Route(HEALTH_PATH, self.health, methods=["GET", "HEAD"])]
+        if self.observer is not None and self.observer.metrics is not None:
+            routes.append(Route(settings.metrics_path or "", self.observer.metrics.endpoint))
         # Everything that is not a file goes through Starlette: the health
         # check now, admin routes later. No image path ever reaches it.
-        self.other = Starlette(routes=[Route(HEALTH_PATH, self.health, methods=["GET", "HEAD"])])
+        self.other = Starlette(routes=routes)
         self.error_headers = {
             503: [(b"retry-after", str(settings.retry_after).encode()),
                   (b"cache-control", b"no-store")],
@@ -53,23 +59,33 @@ class ServeImage:
         if self.endpoint.local_copies is not None:
             await self.endpoint.local_copies.close()  # before the pool it reads from
         await self.backend.close()
+        if self.observer is not None:
+            self.observer.close()
+        logger.info("%s: database pools closed", self.settings.describe())
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            if scope["path"].startswith("/var/"):
-                try:
-                    await self.endpoint(scope, receive, send)
-                except HTTPError as e:
-                    await self.send_error(send, e.status, e.text)
-                except RangeNotSatisfiable as e:
-                    await self.send_error(
-                        send, 416, "Range Not Satisfiable",
-                        [(b"content-range", f"bytes */{e.size}".encode())],
-                    )
-                return
-            await self.other(scope, receive, send)
+            if self.observer is not None:
+                await self.observer(self.http, scope, receive, send)
+            else:
+                await self.http(scope, receive, send)
         elif scope["type"] == "lifespan":
             await self.lifespan(receive, send)
+
+    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """A file from the database; anything else goes to the Starlette routes."""
+        if scope["path"].startswith("/var/"):
+            try:
+                await self.endpoint(scope, receive, send)
+            except HTTPError as e:
+                await self.send_error(send, e.status, e.text)
+            except RangeNotSatisfiable as e:
+                await self.send_error(
+                    send, 416, "Range Not Satisfiable",
+                    [(b"content-range", f"bytes */{e.size}".encode())],
+                )
+            return
+        await self.other(scope, receive, send)
 
     async def send_error(
         self, send: Send, status: int, text: str, extra: list[tuple[bytes, bytes]] | None = None

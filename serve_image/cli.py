@@ -17,10 +17,15 @@ from typing import Any
 from serve_image.backends import BackendImportError, make_backend
 from serve_image.backends.base import Backend
 from serve_image.errors import DatabaseUnavailable
+from serve_image.litefs import replica_message, replica_primary
 from serve_image.settings import Settings, SiteConfigError
 
 COMMAND_MODULES = [
     "serve_image.commands.serve",
+    "serve_image.commands.files",
+    "serve_image.commands.local",
+    "serve_image.commands.apache",
+    "serve_image.commands.ez",
 ]
 
 
@@ -39,6 +44,12 @@ async def run_with_backend(
     settings: Settings, work: Callable[[Backend], Any], *, readonly: bool = False
 ) -> Any:
     """Connect a backend, run `work(backend)` (awaited if it is a coroutine), close it."""
+    if not readonly:
+        # On a LiteFS replica a write would fail with "readonly database" or,
+        # in WAL mode, "disk I/O error": say where to run the command instead.
+        primary = replica_primary(settings)
+        if primary is not None:
+            raise CommandError(replica_message(settings, primary))
     backend = make_backend(settings, readonly=readonly)
     await backend.connect()
     try:

@@ -7,6 +7,7 @@ Request object, only the raw path and five request headers.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import secrets
@@ -15,6 +16,8 @@ from typing import Any
 
 from serve_image import conditional, ranges
 from serve_image.backends import Backend, FileMeta
+from serve_image.batching import BatchedReads
+from serve_image.cache import HotCache
 from serve_image.errors import (
     DatabaseUnavailable,
     MethodNotAllowed,
@@ -24,7 +27,7 @@ from serve_image.errors import (
 )
 from serve_image.headers import Clock, content_disposition, content_type, is_download, type_headers
 from serve_image.localcopy import LocalCopies
-from serve_image.paths import request_name
+from serve_image.paths import FileName, request_name
 from serve_image.settings import Settings
 
 Scope = MutableMapping[str, Any]
@@ -37,7 +40,9 @@ logger = logging.getLogger("serve_image.endpoint")
 
 # A body is read this many bytes at a time (whole chunk rows, at least one):
 # few round trips for big files, bounded memory per response.
-BATCH_BYTES = 256 * 1024
+BATCH_BYTES = 512 * 1024
+# Paths and file versions whose resolved name and headers are remembered.
+MEMO_SIZE = 4096
 _WANTED = frozenset(
     (b"range", b"if-range", b"if-match", b"if-none-match", b"if-modified-since",
      b"if-unmodified-since")
@@ -67,10 +72,54 @@ class ImageEndpoint:
         self.cache_control_versioned = settings.cache_control_versioned.encode("latin-1")
         # LOCAL_COPY_DIR: files served whole are copied to disk after the response.
         self.local_copies = LocalCopies.for_site(settings, backend)
+        # CACHE_MAX_BYTES: small files answered from memory for up to CACHE_TTL.
+        self.cache = (
+            HotCache(settings.cache_max_bytes, settings.cache_ttl)
+            if settings.cache_max_bytes else None
+        )
+        # Concurrent reads of rows share queries while the database is busy;
+        # batching.py writes its queries for the ezdbfile + ezdbfile_data layout.
+        self.fetch_first: Callable[[str], Awaitable[tuple[FileMeta, bytes | None] | None]]
+        self.fetch_meta: Callable[[str], Awaitable[FileMeta | None]]
+        if settings.layout == "chunks":
+            batched = BatchedReads(backend)
+            self.fetch_first, self.fetch_meta = batched.fetch_first, batched.fetch_meta
+        else:
+            self.fetch_first, self.fetch_meta = backend.fetch_first, backend.fetch_meta
+
+        # What follows from the path alone, and the headers that follow from a
+        # file's version alone, are worked out once and remembered (as
+        # Whitenoise builds a file's headers when it first sees it); bounded,
+        # so requests for ever new paths cannot grow them.
+        self._resolve = functools.lru_cache(maxsize=MEMO_SIZE)(self._resolve_path)
+        self._file_headers = functools.lru_cache(maxsize=MEMO_SIZE)(self._build_headers)
+
+    def _resolve_path(self, raw_path: bytes) -> tuple[FileName, str]:
+        file = request_name(raw_path, self.settings.var_dir)
+        return file, hashlib.md5(file.name.encode("utf-8")).hexdigest()
+
+    def _build_headers(
+        self, meta: FileMeta, versioned: bool, name: str
+    ) -> tuple[str | None, tuple[tuple[bytes, bytes], ...]]:
+        """The ETag, and every header of a 200 but Expires and Content-Length."""
+        s = self.settings
+        etag = None
+        if s.http_cache:
+            etag = conditional.make_etag(meta.name_hash, meta.mtime, meta.size)
+        headers: Headers = list(type_headers(meta.datatype, False))
+        headers += self.fixed
+        cache_control = self.cache_control_versioned if versioned else self.cache_control
+        headers.append((b"cache-control", cache_control))
+        if etag is not None:
+            headers.append((b"etag", etag.encode("latin-1")))
+            headers.append((b"last-modified", conditional.http_date(meta.mtime).encode("latin-1")))
+        if self.download_non_images and is_download(meta.datatype):
+            headers.append((b"content-disposition", content_disposition(name)))
+        return etag, tuple(headers)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         raw_path: bytes = scope.get("raw_path") or scope["path"].encode("utf-8")
-        file = request_name(raw_path, self.settings.var_dir)
+        file, name_hash = self._resolve(raw_path)
         method = scope["method"]
         if method not in ("GET", "HEAD"):
             raise MethodNotAllowed()
@@ -85,32 +134,29 @@ class ImageEndpoint:
         conditional_request = s.http_cache and any(k in req for k in _CONDITIONS)
         range_header = req.get(b"range") if s.http_range else None
 
-        name_hash = hashlib.md5(file.name.encode("utf-8")).hexdigest()
         first: bytes | None = None
-        if method == "GET" and not conditional_request and range_header is None:
-            got = await self.backend.fetch_first(name_hash)
+        meta: FileMeta | None
+        whole_get = method == "GET" and not conditional_request and range_header is None
+        hot = self.cache.get(name_hash) if self.cache is not None else None
+        if hot is not None and (hot.body is not None or not whole_get):
+            meta, first = hot.meta, hot.body
+        elif whole_get:
+            got = await self.fetch_first(name_hash)
             meta = got[0] if got else None
             first = got[1] if got else None
+            if self.cache is not None and meta is not None and first is not None:
+                self.cache.put(meta, first)
         else:
             # 304, 412, 416 and HEAD are decided from the row alone.
-            meta = await self.backend.fetch_meta(name_hash)
+            meta = await self.fetch_meta(name_hash)
+            if self.cache is not None and meta is not None:
+                self.cache.put_meta(meta)
         if meta is None or not meta.live:
             raise NotFound()
 
-        etag = conditional.make_etag(name_hash, meta.mtime, meta.size) if s.http_cache else None
+        etag, file_headers = self._file_headers(meta, file.versioned, file.name)
         last_modified = meta.mtime if s.http_cache else None
-        headers: Headers = list(type_headers(meta.datatype, False))
-        headers += self.fixed
-        cache_control = self.cache_control_versioned if file.versioned else self.cache_control
-        headers.append((b"cache-control", cache_control))
-        headers.append((b"expires", self.clock.expires()))
-        if etag is not None and last_modified is not None:
-            headers.append((b"etag", etag.encode("latin-1")))
-            headers.append(
-                (b"last-modified", conditional.http_date(last_modified).encode("latin-1"))
-            )
-        if self.download_non_images and is_download(meta.datatype):
-            headers.append((b"content-disposition", content_disposition(file.name)))
+        headers: Headers = [*file_headers, (b"expires", self.clock.expires())]
 
         if conditional_request:
             outcome = conditional.evaluate(

@@ -10,6 +10,14 @@ from collections.abc import Iterable
 # request can cost more than a full download.
 MAX_RANGES = 16
 _SPEC = re.compile(r"^([0-9]*)-([0-9]*)$")
+# More digits than this is past the end of any file; Python refuses int() of
+# over 4300 digits (a ValueError, so a 500) and big ones cost time to convert.
+_MAX_DIGITS = 18
+
+
+def _number(digits: str) -> int:
+    digits = digits.lstrip("0") or "0"
+    return int(digits) if len(digits) <= _MAX_DIGITS else 10**_MAX_DIGITS
 
 Range = tuple[int, int]  # first and last byte, inclusive, as in Content-Range
 
@@ -49,15 +57,15 @@ def parse_range(header: str, size: int) -> list[Range] | None:
             return None
         first, last = m.group(1), m.group(2)
         if first:
-            start = int(first)
-            end = int(last) if last else size - 1
+            start = _number(first)
+            end = _number(last) if last else size - 1
             if last and end < start:
                 return None  # §14.1.1: invalid range-spec, so the header is ignored
             if start >= size:
                 continue  # unsatisfiable on its own
             wanted.append((start, min(end, size - 1)))
         else:
-            suffix = int(last)
+            suffix = _number(last)
             if suffix == 0:
                 continue  # `bytes=-0` asks for nothing
             if size == 0:

@@ -16,9 +16,15 @@ import re
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 BACKENDS = ("mysql", "pgsql", "sqlite")
+# STORAGE_LAYOUT: "chunks" is ezdbfile + ezdbfile_data (eZ 3.10-4.7, every
+# backend); "largeobject" is eZ 3.8's PostgreSQL ezdbfile.lob_id (pgsql only).
+LAYOUTS = ("chunks", "largeobject")
+# STORAGE_DRIVER for mysql: aiomysql (pure Python, the default) or asyncmy
+# (Cython, the same API; faster for large files, see README "Performance").
+MYSQL_DRIVERS = ("aiomysql", "asyncmy")
 DEFAULT_PORTS = {"mysql": 3306, "pgsql": 5432}
 # eZ's DBChunkSize is 65535, the largest value a MySQL BLOB holds; anything
 # over 16 MiB would also overflow a MEDIUMBLOB and makes per-response memory
@@ -33,6 +39,20 @@ class SiteConfigError(Exception):
     """A site module that cannot be loaded; the message names file and constant."""
 
 
+class StorageHost(NamedTuple):
+    """One database server of STORAGE_HOSTS: a host and port, or a Unix socket."""
+
+    host: str
+    port: int
+    socket: str | None = None
+
+    @property
+    def label(self) -> str:
+        """How logs and metrics name the host; never holds a password."""
+        return self.socket or (f"[{self.host}]:{self.port}" if ":" in self.host else
+                               f"{self.host}:{self.port}")
+
+
 @dataclasses.dataclass(frozen=True)
 class Settings:
     """The validated, immutable settings of one site."""
@@ -43,14 +63,21 @@ class Settings:
     host: str
     port: int
     socket: str | None
+    # Every server to try, in order (STORAGE_HOSTS, or the one STORAGE_HOST).
+    hosts: tuple[StorageHost, ...]
     user: str
     password: str = dataclasses.field(repr=False)
     database: str
     chunk_size: int
+    layout: str
+    driver: str  # the Python driver: "aiomysql"/"asyncmy", "asyncpg" or "sqlite3"
     charset: str
     pool_size: int
     connect_timeout: float
     acquire_timeout: float
+    retry_interval: float
+    access_log: str | None
+    metrics_path: str | None
     expiry_timeout: int
     var_dir: str | None
     http_cache: bool
@@ -59,12 +86,16 @@ class Settings:
     cache_control_versioned: str
     retry_after: int
     download_non_images: bool
+    local_copy_dir: str | None
+    local_copy_max_bytes: int
+    cache_max_bytes: int
+    cache_ttl: float
 
     def describe(self) -> str:
         """Where the site's data lives, for logs: never shows the password."""
         if self.backend == "sqlite":
             return f"sqlite:{self.database}"
-        where = self.socket or f"{self.host}:{self.port}"
+        where = ",".join(h.label for h in self.hosts)
         return f"{self.backend}://{self.user}@{where}/{self.database}"
 
 
@@ -103,6 +134,18 @@ def _bool(v: Any) -> bool:
     return v
 
 
+def _driver(v: Any) -> str | None:
+    if v is not None and v not in MYSQL_DRIVERS:
+        raise ValueError(f"must be one of {', '.join(map(repr, MYSQL_DRIVERS))}, not {v!r}")
+    return None if v is None else str(v)
+
+
+def _layout(v: Any) -> str:
+    if v not in LAYOUTS:
+        raise ValueError(f"must be one of {', '.join(map(repr, LAYOUTS))}, not {v!r}")
+    return str(v)
+
+
 def _backend(v: Any) -> str:
     # eZ 4.x names its MySQL handlers mysqli / dfsmysqli: same tables for us.
     aliases = {"mysqli": "mysql", "dfsmysqli": "mysql", "postgresql": "pgsql"}
@@ -115,18 +158,71 @@ def _backend(v: Any) -> str:
 def _var_dir(v: Any) -> str | None:
     if v is None:
         return None
-    v = _str(v).strip("/")
-    if not VAR_DIR_RE.match(v) or v.endswith(("/.", "/..")):
-        raise ValueError(f"must look like 'var' or 'var/<dir>', not {v!r}")
-    return v
+    text = _str(v).strip("/")
+    if not VAR_DIR_RE.match(text) or text.endswith(("/.", "/..")):
+        raise ValueError(f"must look like 'var' or 'var/<dir>', not {text!r}")
+    return text
 
 
 def _header_value(v: Any) -> str:
-    v = _str(v)
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in v):
+    text = _str(v)
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in text):
         raise ValueError("must not contain control characters")
+    return text
+
+
+def _hosts(v: Any) -> list[dict[str, Any]]:
+    """STORAGE_HOSTS: "host", "host:port", "[v6]:port" or {"host", "port", "socket"}."""
+    if isinstance(v, str) or not isinstance(v, list | tuple) or not v:
+        raise ValueError('must be a non-empty list such as ["db1:3306", "db2:3306"]')
+    out = []
+    for item in v:
+        if isinstance(item, str):
+            m = _HOST_RE.match(item)
+            if m is None:
+                raise ValueError(f'entries must look like "host" or "host:port", not {item!r}')
+            host = m.group(1) or m.group(2)
+            port = int(m.group(3)) if m.group(3) else None
+            if port is not None and not 1 <= port <= 65535:
+                raise ValueError(f"port must be from 1 to 65535 in {item!r}")
+            out.append({"host": host, "port": port, "socket": None})
+        elif isinstance(item, dict):
+            unknown = set(item) - {"host", "port", "socket"}
+            if unknown:
+                raise ValueError(f"entries may have host, port and socket, not {sorted(unknown)}")
+            host, port, sock = item.get("host", ""), item.get("port"), item.get("socket")
+            if not isinstance(host, str) or not (host or sock):
+                raise ValueError(f"entry {item!r} needs a host or a socket")
+            if port is not None:
+                port = _int_range(1, 65535)(port)
+            out.append({"host": host or "127.0.0.1", "port": port, "socket": _opt_str(sock)})
+        else:
+            raise ValueError(f"entries must be strings or dicts, not {type(item).__name__}")
+    return out
+
+
+def _access_log(v: Any) -> str | None:
+    if v is None or v is False:
+        return None
+    if v is True:
+        return "text"
+    if v not in ("text", "json"):
+        raise ValueError(f'must be None, "text" or "json", not {v!r}')
+    return str(v)
+
+
+def _metrics_path(v: Any) -> str | None:
+    if v is None:
+        return None
+    # Under /-/ so that no image path (always /var/...) can ever be it.
+    if not isinstance(v, str) or not re.fullmatch(r"/-/[A-Za-z0-9._~-]+(/[A-Za-z0-9._~-]+)*", v):
+        raise ValueError(f'must be None or a path under /-/ such as "/-/metrics", not {v!r}')
+    if v == "/-/health":
+        raise ValueError("must not be /-/health, the health check's path")
     return v
 
+
+_HOST_RE = re.compile(r"^(?:\[([0-9A-Fa-f:.]+)\]|([^\s:/\[\]]+))(?::([0-9]{1,5}))?$")
 
 # name -> (validator, default). A default of ... means required.
 _CONSTANTS: dict[str, tuple[Callable[[Any], Any], Any]] = {
@@ -134,15 +230,21 @@ _CONSTANTS: dict[str, tuple[Callable[[Any], Any], Any]] = {
     "STORAGE_HOST": (_str, "127.0.0.1"),
     "STORAGE_PORT": (_int_range(1, 65535), None),
     "STORAGE_SOCKET": (_opt_str, None),
+    "STORAGE_HOSTS": (_hosts, None),
+    "STORAGE_RETRY_INTERVAL": (_seconds, 0.25),
     "STORAGE_USER": (_str, ""),
     "STORAGE_PASS": (_str, ""),
     "STORAGE_DB": (_str, ...),
     "STORAGE_CHUNK_SIZE": (_int_range(1, MAX_CHUNK_SIZE), 65535),
+    "STORAGE_LAYOUT": (_layout, "chunks"),
+    "STORAGE_DRIVER": (_driver, None),
     "STORAGE_CHARSET": (_str, "utf8mb4"),
     "STORAGE_POOL_SIZE": (_int_range(1, 1000), 10),
     "STORAGE_CONNECT_TIMEOUT": (_seconds, 2.0),
     "STORAGE_ACQUIRE_TIMEOUT": (_seconds, 1.0),
     "EXPIRY_TIMEOUT": (_int_range(0, 10 * 365 * 86400), 6000),
+    "ACCESS_LOG": (_access_log, None),
+    "METRICS_PATH": (_metrics_path, None),
     "VAR_DIR": (_var_dir, None),
     "HTTP_CACHE": (_bool, True),
     "HTTP_RANGE": (_bool, True),
@@ -150,6 +252,13 @@ _CONSTANTS: dict[str, tuple[Callable[[Any], Any], Any]] = {
     "CACHE_CONTROL_VERSIONED": (_header_value, None),
     "RETRY_AFTER": (_int_range(0, 86400), 5),
     "DOWNLOAD_NON_IMAGES": (_bool, False),
+    "LOCAL_COPY_DIR": (_opt_str, None),
+    # 1 GiB: a node's copies must not fill the disk its web server needs.
+    "LOCAL_COPY_MAX_BYTES": (_int_range(0, 2**62), 1024**3),
+    # The hot-object cache (serve_image/cache.py): 0 bytes = off. CACHE_TTL
+    # is how stale a cached file may be served after it changed.
+    "CACHE_MAX_BYTES": (_int_range(0, 2**40), 0),
+    "CACHE_TTL": (_seconds, 5.0),
 }
 KNOWN_CONSTANTS = tuple(_CONSTANTS)
 
@@ -190,23 +299,51 @@ def settings_from_mapping(values: Mapping[str, Any], source: str, name: str = ""
         # the server happens to be started from.
         base = Path(source).parent if source.endswith(".py") else Path.cwd()
         database = str((base / database).resolve())
+    local_copy_dir = out["LOCAL_COPY_DIR"]
+    if local_copy_dir is not None:
+        # Relative to the site file, like STORAGE_DB. Never created here: a
+        # typo must not start filling some other directory.
+        base = Path(source).parent if source.endswith(".py") else Path.cwd()
+        local_copy_dir = str((base / local_copy_dir).resolve())
+        if not os.path.isdir(local_copy_dir):
+            raise _error(
+                source, "LOCAL_COPY_DIR", f"must be an existing directory, not {local_copy_dir!r}"
+            )
+    if out["STORAGE_LAYOUT"] == "largeobject" and backend != "pgsql":
+        # Large objects are a PostgreSQL feature: eZ 3.8's pgsql backend only.
+        raise _error(
+            source, "STORAGE_LAYOUT",
+            f"'largeobject' needs STORAGE_BACKEND 'pgsql', not {backend!r}",
+        )
+    if out["STORAGE_DRIVER"] is not None and backend != "mysql":
+        raise _error(source, "STORAGE_DRIVER", f"is for STORAGE_BACKEND 'mysql', not {backend!r}")
+    driver = out["STORAGE_DRIVER"] or {"mysql": "aiomysql", "pgsql": "asyncpg"}.get(
+        backend, "sqlite3"
+    )
+    hosts = _storage_hosts(values, out, source, backend, port)
     max_age = f"max-age={out['EXPIRY_TIMEOUT']}"
     cache_control = out["CACHE_CONTROL"] or f"public, {max_age}"
     return Settings(
         source=source,
         name=name or Path(source).stem,
         backend=backend,
-        host=out["STORAGE_HOST"],
-        port=port,
-        socket=out["STORAGE_SOCKET"],
+        host=hosts[0].host,
+        port=hosts[0].port,
+        socket=hosts[0].socket,
+        hosts=hosts,
         user=out["STORAGE_USER"],
         password=out["STORAGE_PASS"],
         database=database,
         chunk_size=out["STORAGE_CHUNK_SIZE"],
+        layout=out["STORAGE_LAYOUT"],
+        driver=driver,
         charset=out["STORAGE_CHARSET"],
         pool_size=out["STORAGE_POOL_SIZE"],
         connect_timeout=out["STORAGE_CONNECT_TIMEOUT"],
         acquire_timeout=out["STORAGE_ACQUIRE_TIMEOUT"],
+        retry_interval=out["STORAGE_RETRY_INTERVAL"],
+        access_log=out["ACCESS_LOG"],
+        metrics_path=out["METRICS_PATH"],
         expiry_timeout=out["EXPIRY_TIMEOUT"],
         var_dir=out["VAR_DIR"],
         http_cache=out["HTTP_CACHE"],
@@ -218,6 +355,30 @@ def settings_from_mapping(values: Mapping[str, Any], source: str, name: str = ""
         cache_control_versioned=out["CACHE_CONTROL_VERSIONED"] or f"{cache_control}, immutable",
         retry_after=out["RETRY_AFTER"],
         download_non_images=out["DOWNLOAD_NON_IMAGES"],
+        local_copy_dir=local_copy_dir,
+        local_copy_max_bytes=out["LOCAL_COPY_MAX_BYTES"],
+        cache_max_bytes=out["CACHE_MAX_BYTES"],
+        cache_ttl=out["CACHE_TTL"],
+    )
+
+
+def _storage_hosts(
+    values: Mapping[str, Any], out: Mapping[str, Any], source: str, backend: str, port: int
+) -> tuple[StorageHost, ...]:
+    """The servers to try in order: STORAGE_HOSTS, or the single STORAGE_HOST/PORT/SOCKET."""
+    listed = out["STORAGE_HOSTS"]
+    if listed is None:
+        return (StorageHost(out["STORAGE_HOST"], port, out["STORAGE_SOCKET"]),)
+    if backend == "sqlite":
+        raise _error(source, "STORAGE_HOSTS", "is for the mysql and pgsql backends, not sqlite")
+    for single in ("STORAGE_HOST", "STORAGE_PORT", "STORAGE_SOCKET"):
+        if single in values:
+            raise _error(
+                source, "STORAGE_HOSTS",
+                f"and {single} are both set: list every server in STORAGE_HOSTS alone",
+            )
+    return tuple(
+        StorageHost(h["host"], h["port"] or DEFAULT_PORTS[backend], h["socket"]) for h in listed
     )
 
 

@@ -48,7 +48,8 @@ def _server_constants(backend: str) -> dict[str, Any]:
     }
 
 
-async def _create_database(backend: str, name: str) -> None:
+async def _admin(backend: str, statement: str) -> None:
+    """Run one statement on the server outside any test database (CREATE/DROP DATABASE)."""
     c = _server_constants(backend)
     if backend == "mysql":
         import aiomysql
@@ -58,7 +59,7 @@ async def _create_database(backend: str, name: str) -> None:
             password=c["STORAGE_PASS"], connect_timeout=3,
         )
         async with conn.cursor() as cur:
-            await cur.execute(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4")
+            await cur.execute(statement)
         conn.close()
     else:
         import asyncpg
@@ -67,31 +68,22 @@ async def _create_database(backend: str, name: str) -> None:
             host=c["STORAGE_HOST"], port=c["STORAGE_PORT"], user=c["STORAGE_USER"],
             password=c["STORAGE_PASS"] or None, database="postgres", timeout=3,
         )
-        await conn.execute(f'CREATE DATABASE "{name}"')
+        await conn.execute(statement)
         await conn.close()
+
+
+async def _create_database(backend: str, name: str) -> None:
+    if backend == "mysql":
+        await _admin(backend, f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4")
+    else:
+        await _admin(backend, f'CREATE DATABASE "{name}"')
 
 
 async def _drop_database(backend: str, name: str) -> None:
-    c = _server_constants(backend)
     if backend == "mysql":
-        import aiomysql
-
-        conn = await aiomysql.connect(
-            host=c["STORAGE_HOST"], port=c["STORAGE_PORT"], user=c["STORAGE_USER"],
-            password=c["STORAGE_PASS"], connect_timeout=3,
-        )
-        async with conn.cursor() as cur:
-            await cur.execute(f"DROP DATABASE IF EXISTS `{name}`")
-        conn.close()
+        await _admin(backend, f"DROP DATABASE IF EXISTS `{name}`")
     else:
-        import asyncpg
-
-        conn = await asyncpg.connect(
-            host=c["STORAGE_HOST"], port=c["STORAGE_PORT"], user=c["STORAGE_USER"],
-            password=c["STORAGE_PASS"] or None, database="postgres", timeout=3,
-        )
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await conn.close()
+        await _admin(backend, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 class DatabaseFactory:

@@ -80,3 +80,9 @@ class SpyBackend(Backend):
 
     async def execute(self, sql: str, *args: object) -> None:
         await self.inner.execute(sql, *args)
+
+    async def query(self, sql: str, *args: object) -> list[tuple[Any, ...]]:
+        return await self.inner.query(sql, *args)
+
+    async def update(self, sql: str, *args: object) -> int:
+        return await self.inner.update(sql, *args)

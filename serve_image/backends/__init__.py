@@ -12,6 +12,10 @@ SUPPORTED_BACKENDS = {
     "pgsql": "serve_image.backends.pgsql:PostgresBackend",
     "sqlite": "serve_image.backends.sqlite:SQLiteBackend",
 }
+# Table layouts other than ezdbfile + ezdbfile_data, by (STORAGE_BACKEND, STORAGE_LAYOUT).
+SUPPORTED_LAYOUTS = {
+    ("pgsql", "largeobject"): "serve_image.backends.pgsql_lob:PostgresLargeObjectBackend",
+}
 
 __all__ = ["SUPPORTED_BACKENDS", "Backend", "Chunk", "FileMeta", "StoredFile", "make_backend"]
 
@@ -22,7 +26,8 @@ class BackendImportError(Exception):
 
 def make_backend(settings: Settings, *, readonly: bool = False) -> Backend:
     """The backend object for a site (not yet connected)."""
-    module_name, _, class_name = SUPPORTED_BACKENDS[settings.backend].partition(":")
+    target = SUPPORTED_LAYOUTS.get((settings.backend, settings.layout))
+    module_name, _, class_name = (target or SUPPORTED_BACKENDS[settings.backend]).partition(":")
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:

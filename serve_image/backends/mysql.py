@@ -11,9 +11,10 @@ from typing import Any
 import aiomysql
 import pymysql
 
-from serve_image.backends import sql
+from serve_image.backends import BackendImportError, sql
 from serve_image.backends.base import Backend, Chunk, FileMeta
-from serve_image.errors import DatabaseUnavailable
+from serve_image.failover import Failover, HostPool
+from serve_image.settings import Settings, StorageHost
 
 # eZ Publish 3.10-4.6 `kernel/sql/mysql/cluster_schema.sql`, with `offset`
 # quoted (a reserved word since MariaDB 10.6) and datatype VARCHAR(255) as
@@ -50,25 +51,69 @@ CHUNKS = sql.to_mysql(sql.CHUNKS)
 _DRIVER_ERRORS = (pymysql.err.MySQLError, OSError, TimeoutError, ConnectionError)
 
 
-class MySQLBackend(Backend):
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+def _driver(settings: Settings) -> tuple[Any, tuple[type[BaseException], ...]]:
+    """STORAGE_DRIVER's module (aiomysql, or asyncmy with the same pool API) and its errors."""
+    if settings.driver != "asyncmy":
+        return aiomysql, _DRIVER_ERRORS
+    try:
+        import asyncmy
+        import asyncmy.errors
+    except ImportError:
+        raise BackendImportError(
+            f"{settings.source}: STORAGE_DRIVER 'asyncmy' is not installed: "
+            "pip install 'serve-image[asyncmy]'"
+        ) from None
+    return asyncmy, (*_DRIVER_ERRORS, asyncmy.errors.MySQLError)
+
+
+class _HostPool(HostPool[aiomysql.Connection]):
+    """An aiomysql pool to one server of STORAGE_HOSTS."""
+
+    def __init__(self, settings: Settings, address: StorageHost) -> None:
+        super().__init__(address)
+        self.settings = settings
         self._pool: aiomysql.Pool | None = None
 
-    async def connect(self) -> None:
-        s = self.settings
+    async def open(self) -> None:
+        s, a = self.settings, self.address
         target: dict[str, Any] = (
-            {"unix_socket": s.socket} if s.socket else {"host": s.host, "port": s.port}
+            {"unix_socket": a.socket} if a.socket else {"host": a.host, "port": a.port}
         )
         # minsize 0: start-up never fails because the database is down; the
         # endpoint answers 503 until it is back. autocommit: every read sees
         # the latest committed version, not a snapshot pinned by a pooled
         # connection's open transaction.
-        self._pool = await aiomysql.create_pool(
+        self._pool = await _driver(s)[0].create_pool(
             minsize=0, maxsize=s.pool_size, user=s.user, password=s.password, db=s.database,
             charset=s.charset, autocommit=True, connect_timeout=s.connect_timeout,
             pool_recycle=3600, **target,
         )
+
+    async def acquire(self, wait: float) -> aiomysql.Connection:
+        assert self._pool is not None
+        # aiomysql drops idle connections whose server hung up (EOF) here.
+        return await asyncio.wait_for(self._pool.acquire(), wait)
+
+    async def release(self, conn: aiomysql.Connection, broken: bool) -> None:
+        assert self._pool is not None
+        if broken:
+            conn.close()  # a broken connection must not go back to the pool
+        self._pool.release(conn)
+
+    def exhausted(self) -> bool:
+        p = self._pool
+        return p is not None and p.freesize == 0 and p.size >= p.maxsize
+
+    def in_use(self) -> int:
+        return 0 if self._pool is None else self._pool.size - self._pool.freesize
+
+    async def ping(self, conn: aiomysql.Connection) -> None:
+        async with conn.cursor() as cur:
+            await cur.execute("SELECT 1")
+
+    async def drop_idle(self) -> None:
+        if self._pool is not None:
+            await self._pool.clear()
 
     async def close(self) -> None:
         if self._pool is not None:
@@ -76,31 +121,34 @@ class MySQLBackend(Backend):
             await self._pool.wait_closed()
             self._pool = None
 
+
+class MySQLBackend(Backend):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.failover: Failover[aiomysql.Connection] = Failover(
+            self.settings, [_HostPool(self.settings, h) for h in self.settings.hosts],
+            _driver(self.settings)[1],
+        )
+
+    async def connect(self) -> None:
+        await self.failover.open()
+
+    async def close(self) -> None:
+        await self.failover.close()
+
     @asynccontextmanager
     async def _cursor(self, doing: str) -> AsyncIterator[aiomysql.Cursor]:
-        self.check_breaker()
-        if self._pool is None:
-            raise DatabaseUnavailable(f"{self.settings.describe()}: not connected")
-        try:
-            conn = await asyncio.wait_for(self._pool.acquire(), self.settings.acquire_timeout)
-        except TimeoutError:
-            raise DatabaseUnavailable(f"{self.settings.describe()}: no free connection") from None
-        except _DRIVER_ERRORS as e:
-            raise self.unavailable(e, doing) from None
-        try:
-            async with conn.cursor() as cur:
-                yield cur
-        except _DRIVER_ERRORS as e:
-            # A broken connection must not go back to the pool for reuse.
-            conn.close()
-            raise self.unavailable(e, doing) from None
-        finally:
-            self._pool.release(conn)
+        async with self.failover.connection(doing) as conn, conn.cursor() as cur:
+            yield cur
 
     async def _fetchone(self, doing: str, statement: str, args: tuple[Any, ...]) -> Any:
-        async with self._cursor(doing) as cur:
-            await cur.execute(statement, args)
-            return await cur.fetchone()
+        async def query(conn: aiomysql.Connection) -> Any:
+            async with conn.cursor() as cur:
+                await cur.execute(statement, args)
+                return await cur.fetchone()
+
+        # Before any byte is sent: a killed connection is worth one more try.
+        return await self.failover.read(doing, query)
 
     async def fetch_meta(self, name_hash: str) -> FileMeta | None:
         row = await self._fetchone("fetch_meta", META, (name_hash,))
@@ -131,6 +179,11 @@ class MySQLBackend(Backend):
         name_hash = hashlib.md5(name.encode("utf-8")).hexdigest()
         async with self._cursor("store") as cur:
             conn = cur.connection
+            # REPEATABLE READ's gap locks make two stores of new names (DELETE
+            # of an absent key, then INSERT) deadlock each other under
+            # `import --jobs`; READ COMMITTED takes no gap locks. Applies to
+            # the next transaction only.
+            await cur.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
             await conn.begin()
             try:
                 await cur.execute(sql.to_mysql(sql.DELETE_FILE), (name_hash,))
@@ -152,3 +205,17 @@ class MySQLBackend(Backend):
     async def execute(self, statement: str, *args: object) -> None:
         async with self._cursor("execute") as cur:
             await cur.execute(sql.to_mysql(statement), args)
+
+    async def query(self, statement: str, *args: object) -> list[tuple[Any, ...]]:
+        async def rows(conn: aiomysql.Connection) -> list[tuple[Any, ...]]:
+            async with conn.cursor() as cur:
+                await cur.execute(sql.to_mysql(statement), args)
+                return list(await cur.fetchall())
+
+        # A SELECT (batched small-file reads among them): idempotent, so a
+        # killed connection is worth one more try on a fresh one.
+        return await self.failover.read("query", rows)
+
+    async def update(self, statement: str, *args: object) -> int:
+        async with self._cursor("update") as cur:
+            return int(await cur.execute(sql.to_mysql(statement), args))

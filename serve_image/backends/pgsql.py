@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import AsyncIterator, Iterable
-from contextlib import asynccontextmanager
+import logging
+from collections.abc import Iterable
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import asyncpg
 
 from serve_image.backends import sql
 from serve_image.backends.base import Backend, Chunk, FileMeta
-from serve_image.errors import DatabaseUnavailable
+from serve_image.failover import Failover, HostPool
+from serve_image.settings import Settings, StorageHost
 
 DDL = (
     """CREATE TABLE IF NOT EXISTS ezdbfile (
@@ -41,50 +43,100 @@ DDL = (
 META = sql.to_pgsql(sql.META)
 FIRST = sql.to_pgsql(sql.FIRST)
 CHUNKS = sql.to_pgsql(sql.CHUNKS)
+logger = logging.getLogger("serve_image.backend")
 _DRIVER_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
 
 
-class PostgresBackend(Backend):
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+class _HostPool(HostPool[asyncpg.Connection]):
+    """An asyncpg pool to one server of STORAGE_HOSTS.
+
+    One pool per server rather than asyncpg's multi-host connect: a pool
+    given several hosts keeps its connections on whichever server answered
+    when each was opened, so after a failover it stays pinned to the standby
+    (or, worse, to a dead primary's address) until the connections age out.
+    Here every server has its own pool, health and metrics, and reads go
+    back to the first server as soon as it answers.
+    """
+
+    def __init__(self, settings: Settings, address: StorageHost) -> None:
+        super().__init__(address)
+        self.settings = settings
         self._pool: asyncpg.Pool | None = None
 
-    async def connect(self) -> None:
-        s = self.settings
+    async def open(self) -> None:
+        s, a = self.settings, self.address
         # min_size 0: start-up never fails because the database is down.
         self._pool = await asyncpg.create_pool(
-            host=s.socket or s.host, port=s.port, user=s.user or None,
+            host=a.socket or a.host, port=a.port, user=s.user or None,
             password=s.password or None, database=s.database, min_size=0,
             max_size=s.pool_size, timeout=s.connect_timeout,
             max_inactive_connection_lifetime=300.0,
         )
+
+    async def acquire(self, wait: float) -> asyncpg.Connection:
+        assert self._pool is not None
+        # asyncpg reconnects a pooled connection whose server hung up here.
+        conn: asyncpg.Connection = await self._pool.acquire(timeout=wait)
+        return conn
+
+    async def release(self, conn: asyncpg.Connection, broken: bool) -> None:
+        assert self._pool is not None
+        if broken:
+            try:
+                conn.terminate()  # never reused; the pool opens a new one when needed
+            except asyncpg.InterfaceError:
+                pass  # the pool took it back already when the server closed it
+        try:
+            await self._pool.release(conn)  # does nothing for one released already
+        except _DRIVER_ERRORS as e:
+            # Resetting it failed: the server went away after the query
+            # answered. asyncpg has terminated it; the result stands.
+            logger.debug("%s: connection dropped on release: %r", self.address.label, e)
+
+    def exhausted(self) -> bool:
+        p = self._pool
+        return p is not None and p.get_idle_size() == 0 and p.get_size() >= p.get_max_size()
+
+    def in_use(self) -> int:
+        return 0 if self._pool is None else self._pool.get_size() - self._pool.get_idle_size()
+
+    async def ping(self, conn: asyncpg.Connection) -> None:
+        await conn.execute("SELECT 1")
+
+    async def drop_idle(self) -> None:
+        if self._pool is not None:
+            await self._pool.expire_connections()
 
     async def close(self) -> None:
         if self._pool is not None:
             await self._pool.close()
             self._pool = None
 
-    @asynccontextmanager
-    async def _conn(self, doing: str) -> AsyncIterator[asyncpg.Connection]:
-        self.check_breaker()
-        if self._pool is None:
-            raise DatabaseUnavailable(f"{self.settings.describe()}: not connected")
-        try:
-            async with self._pool.acquire(timeout=self.settings.acquire_timeout) as conn:
-                yield conn
-        except TimeoutError:
-            raise DatabaseUnavailable(f"{self.settings.describe()}: no free connection") from None
-        except _DRIVER_ERRORS as e:
-            raise self.unavailable(e, doing) from None
+
+class PostgresBackend(Backend):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.failover: Failover[asyncpg.Connection] = Failover(
+            self.settings, [_HostPool(self.settings, h) for h in self.settings.hosts],
+            _DRIVER_ERRORS,
+        )
+
+    async def connect(self) -> None:
+        await self.failover.open()
+
+    async def close(self) -> None:
+        await self.failover.close()
+
+    def _conn(self, doing: str) -> AbstractAsyncContextManager[asyncpg.Connection]:
+        return self.failover.connection(doing)
 
     async def fetch_meta(self, name_hash: str) -> FileMeta | None:
-        async with self._conn("fetch_meta") as conn:
-            row = await conn.fetchrow(META, name_hash)
+        # Before any byte is sent: a killed connection is worth one more try.
+        row = await self.failover.read("fetch_meta", lambda c: c.fetchrow(META, name_hash))
         return None if row is None else FileMeta(name_hash, row[0], row[1], row[2], row[3])
 
     async def fetch_first(self, name_hash: str) -> tuple[FileMeta, bytes | None] | None:
-        async with self._conn("fetch_first") as conn:
-            row = await conn.fetchrow(FIRST, name_hash)
+        row = await self.failover.read("fetch_first", lambda c: c.fetchrow(FIRST, name_hash))
         if row is None:
             return None
         return FileMeta(name_hash, row[0], row[1], row[2], row[3]), row[4]
@@ -122,3 +174,16 @@ class PostgresBackend(Backend):
     async def execute(self, statement: str, *args: object) -> None:
         async with self._conn("execute") as conn:
             await conn.execute(sql.to_pgsql(statement), *args)
+
+    async def query(self, statement: str, *args: object) -> list[tuple[Any, ...]]:
+        async def rows(conn: asyncpg.Connection) -> list[tuple[Any, ...]]:
+            return [tuple(r) for r in await conn.fetch(sql.to_pgsql(statement), *args)]
+
+        # A SELECT (batched small-file reads among them): idempotent, so a
+        # killed connection is worth one more try on a fresh one.
+        return await self.failover.read("query", rows)
+
+    async def update(self, statement: str, *args: object) -> int:
+        async with self._conn("update") as conn:
+            status: str = await conn.execute(sql.to_pgsql(statement), *args)
+        return int(status.rsplit(" ", 1)[-1])  # "UPDATE 3", "DELETE 3"

@@ -52,3 +52,89 @@ def to_mysql(sql: str) -> str:
 def to_pgsql(sql: str) -> str:
     count = iter(range(1, 1000))
     return re.sub(r"\?", lambda _: f"${next(count)}", sql)
+
+
+# -- file management (import, export, ls, rm, purge, verify) ----------------
+# Every value is a bound parameter, booleans included (`expired = ?` with
+# True/False: PostgreSQL's BOOLEAN does not compare with 1). LIKE patterns
+# escape with `!`, not a backslash, because MySQL reads a backslash inside a
+# string literal as an escape of its own and PostgreSQL does not.
+
+FILE_COLUMNS = "name, name_hash, datatype, scope, size, mtime, expired"
+STAT = f"SELECT {FILE_COLUMNS} FROM ezdbfile WHERE name_hash = ?"
+LIVE = "mtime >= 0 AND expired = ?"
+SOFT_DELETE = "UPDATE ezdbfile SET mtime = -ABS(mtime), expired = ? WHERE "
+
+
+def list_files(*, scope: bool, live: bool) -> str:
+    """One page of rows under a LIKE prefix, after the key (name, name_hash).
+
+    Paging on (name, name_hash) is exact in any collation: MySQL's `_ci`
+    collations make different names compare equal, the hash breaks the tie.
+    """
+    where = ["name LIKE ? ESCAPE '!'", "(name > ? OR (name = ? AND name_hash > ?))"]
+    if scope:
+        where.append("scope = ?")
+    if live:
+        where.append(LIVE)
+    return (
+        f"SELECT {FILE_COLUMNS} FROM ezdbfile WHERE {' AND '.join(where)} "
+        "ORDER BY name, name_hash LIMIT ?"
+    )
+
+
+def placeholders(count: int) -> str:
+    return ", ".join("?" * count)
+
+
+def stat_many(count: int) -> str:
+    return f"SELECT {FILE_COLUMNS} FROM ezdbfile WHERE name_hash IN ({placeholders(count)})"
+
+
+def soft_delete_many(count: int) -> str:
+    return f"{SOFT_DELETE}name_hash IN ({placeholders(count)}) AND {LIVE}"
+
+
+# Only live rows: the count of rows changed is then the same on every backend
+# (MySQL counts rows changed, SQLite and PostgreSQL rows matched).
+SOFT_DELETE_ONE = f"{SOFT_DELETE}name_hash = ? AND {LIVE}"
+
+# Soft-deleted rows whose (last known) modification time is before a cutoff:
+# eZ records no deletion time, so clusterpurge.php ages a row by its mtime too.
+PURGE_CANDIDATES = (
+    "SELECT name, name_hash, size FROM ezdbfile "
+    "WHERE (mtime < 0 OR expired = ?) AND ABS(mtime) < ? AND name_hash > ? "
+    "ORDER BY name_hash LIMIT ?"
+)
+
+
+def purge_many(count: int) -> str:
+    # The condition is checked again: a file stored anew since it was listed
+    # is live and stays. Its chunks go with it (ON DELETE CASCADE).
+    return (
+        f"DELETE FROM ezdbfile WHERE name_hash IN ({placeholders(count)}) "
+        "AND (mtime < 0 OR expired = ?) AND ABS(mtime) < ?"
+    )
+
+
+VERIFY_FILES = (
+    f"SELECT name, name_hash, size, mtime FROM ezdbfile WHERE name_hash > ? AND {LIVE} "
+    "ORDER BY name_hash LIMIT ?"
+)
+
+
+def chunk_layout(count: int) -> str:
+    """Offset and length of every chunk of some files, without their bytes."""
+    return (
+        'SELECT name_hash, "offset", LENGTH(filedata) FROM ezdbfile_data '
+        f'WHERE name_hash IN ({placeholders(count)}) ORDER BY name_hash, "offset"'
+    )
+
+
+def like_prefix(prefix: str) -> str:
+    """A LIKE pattern matching names that start with `prefix` (escape character `!`)."""
+    return escape_like(prefix) + "%"
+
+
+def escape_like(text: str) -> str:
+    return text.replace("!", "!!").replace("%", "!%").replace("_", "!_")

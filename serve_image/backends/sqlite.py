@@ -172,3 +172,15 @@ class SQLiteBackend(Backend):
             c.execute(statement, args)
 
         await self._run("execute", q)
+
+    async def query(self, statement: str, *args: object) -> list[tuple[Any, ...]]:
+        def q(c: sqlite3.Connection) -> list[tuple[Any, ...]]:
+            return c.execute(statement, args).fetchall()
+
+        return await self._run("query", q)
+
+    async def update(self, statement: str, *args: object) -> int:
+        def q(c: sqlite3.Connection) -> int:
+            return c.execute(statement, args).rowcount
+
+        return await self._run("update", q)

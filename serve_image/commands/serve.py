@@ -11,6 +11,7 @@ from pathlib import Path
 
 from serve_image.backends import make_backend
 from serve_image.cli import add_site_argument, run_with_backend
+from serve_image.observability import multiprocess_metrics
 from serve_image.samples import demo_files
 from serve_image.settings import Settings, load_site, resolve_site_path
 
@@ -37,7 +38,8 @@ def _serve(site_path: Path, host: str, port: int, workers: int, log_level: str) 
 def cmd_serve(args: argparse.Namespace) -> int:
     settings = load_site(args.site)  # fail here, with the file and constant, not in a worker
     make_backend(settings)  # and here if its driver is missing
-    _serve(resolve_site_path(args.site), args.host, args.port, args.workers, args.log_level)
+    with multiprocess_metrics(settings, args.workers):
+        _serve(resolve_site_path(args.site), args.host, args.port, args.workers, args.log_level)
     return 0
 
 

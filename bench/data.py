@@ -1,0 +1,135 @@
+"""The benchmark's data: the same files on MariaDB, PostgreSQL, SQLite and on disk."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from serve_image.backends import make_backend
+from serve_image.settings import settings_from_mapping
+
+SMALL_COUNT, SMALL_SIZE = 1000, 10 * 1024
+LARGE_COUNT, LARGE_SIZE = 20, 5 * 1024 * 1024
+CHUNK_SIZE = 65535  # eZ's DBChunkSize
+MTIME = 1_700_000_000
+VAR = "var/bench/storage/images"
+
+MYSQL_DSN = os.environ.get("SERVE_IMAGE_TEST_MYSQL", "mysql://root@127.0.0.1:3306")
+PGSQL_DSN = os.environ.get("SERVE_IMAGE_TEST_PGSQL", "postgresql://postgres@127.0.0.1:5432")
+
+
+@dataclass(frozen=True)
+class BenchFiles:
+    small: list[str]  # names, e.g. var/bench/storage/images/small/0001.jpg
+    large: list[str]
+
+
+def make_files(root: Path, small_count: int = SMALL_COUNT) -> BenchFiles:
+    """Write the files under `root` (nginx's document root) and return their names."""
+    rnd = random.Random(6)
+    small = [f"{VAR}/small/{i:04d}.jpg" for i in range(small_count)]
+    large = [f"{VAR}/large/{i:02d}.jpg" for i in range(LARGE_COUNT)]
+    for names, size in ((small, SMALL_SIZE), (large, LARGE_SIZE)):
+        for name in names:
+            path = root / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(rnd.randbytes(size))
+            os.utime(path, (MTIME, MTIME))
+    return BenchFiles(small, large)
+
+
+def server_constants(backend: str, database: str) -> dict[str, Any]:
+    """Site constants for a database on this machine's server (or a SQLite file)."""
+    if backend == "sqlite":
+        return {"STORAGE_BACKEND": "sqlite", "STORAGE_DB": database}
+    url = urlsplit(MYSQL_DSN if backend == "mysql" else PGSQL_DSN)
+    return {
+        "STORAGE_BACKEND": backend,
+        "STORAGE_HOST": url.hostname or "127.0.0.1",
+        "STORAGE_PORT": url.port or (3306 if backend == "mysql" else 5432),
+        "STORAGE_USER": url.username or "",
+        "STORAGE_PASS": url.password or "",
+        "STORAGE_DB": database,
+    }
+
+
+async def _admin(backend: str, statement: str) -> None:
+    c = server_constants(backend, "")
+    if backend == "mysql":
+        import aiomysql
+
+        conn = await aiomysql.connect(
+            host=c["STORAGE_HOST"], port=c["STORAGE_PORT"], user=c["STORAGE_USER"],
+            password=c["STORAGE_PASS"], connect_timeout=5,
+        )
+        try:
+            async with conn.cursor() as cur:
+                await cur.execute(statement)
+        finally:
+            conn.close()
+    else:
+        import asyncpg
+
+        conn = await asyncpg.connect(
+            host=c["STORAGE_HOST"], port=c["STORAGE_PORT"], user=c["STORAGE_USER"] or None,
+            password=c["STORAGE_PASS"] or None, database="postgres", timeout=5,
+        )
+        try:
+            await conn.execute(statement)
+        finally:
+            await conn.close()
+
+
+class Databases:
+    """Uniquely named benchmark databases, filled once and dropped at the end."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.name = f"si_bench_{os.getpid()}_{secrets.token_hex(3)}"
+        self.created: list[str] = []
+
+    async def create(self, backend: str) -> dict[str, Any]:
+        if backend == "sqlite":
+            return server_constants(backend, str(self.tmp / f"{self.name}.sqlite"))
+        quoted = f"`{self.name}`" if backend == "mysql" else f'"{self.name}"'
+        await _admin(backend, f"CREATE DATABASE {quoted}")
+        self.created.append(backend)
+        return server_constants(backend, self.name)
+
+    async def drop_all(self) -> None:
+        for backend in self.created:
+            if backend == "mysql":
+                await _admin(backend, f"DROP DATABASE IF EXISTS `{self.name}`")
+            else:
+                await _admin(backend, f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
+        self.created.clear()
+
+
+async def fill(constants: dict[str, Any], root: Path, files: BenchFiles) -> None:
+    """Store every file, cut in eZ's 65535-byte chunks, through serve-image's own writer."""
+    settings = settings_from_mapping(
+        {**constants, "STORAGE_CHUNK_SIZE": CHUNK_SIZE, "STORAGE_POOL_SIZE": 4}, "<bench>", "bench"
+    )
+    backend = make_backend(settings)
+    await backend.connect()
+    # SQLite has one writer at a time: concurrent stores would wait on its lock.
+    slots = asyncio.Semaphore(1 if settings.backend == "sqlite" else 4)
+
+    async def store(name: str) -> None:
+        async with slots:
+            data = (root / name).read_bytes()
+            parts = [data[i:i + CHUNK_SIZE] for i in range(0, len(data), CHUNK_SIZE)]
+            await backend.store(name, parts, size=len(data), mtime=MTIME,
+                                datatype="image/jpeg", scope="image")
+
+    try:
+        await backend.create_tables()
+        await asyncio.gather(*(store(n) for n in files.small + files.large))
+    finally:
+        await backend.close()

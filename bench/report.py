@@ -1,0 +1,223 @@
+"""The benchmark's pure parts: wrk's output in, figures, ratios and tables out."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+MIB = 1024 * 1024
+WRK_MARK = "WRK_JSON "
+
+# What each scenario is judged by (the figure its ratios are made of).
+SCENARIOS = {
+    "small": "random 10 KiB GETs, 32 connections",
+    "not_modified": "random 10 KiB GETs with If-None-Match (304), 32 connections",
+    "large": "one 5 MiB file, 4 connections",
+    "slow_readers": "random 10 KiB GETs, 32 connections, while 64 slow readers fetch 5 MiB files",
+}
+RATIO_FIGURE = {
+    "small": "req_s", "not_modified": "req_s", "large": "mb_s", "slow_readers": "req_s",
+}
+
+
+class WrkOutputError(ValueError):
+    """wrk did not print the line our Lua script's done() writes."""
+
+
+@dataclass(frozen=True)
+class WrkRun:
+    """One wrk run, as printed by bench/random_paths.lua's done()."""
+
+    requests: int
+    bytes: int
+    duration_s: float
+    errors: int
+    p50_ms: float
+    p99_ms: float
+
+
+def parse_wrk(stdout: str) -> WrkRun:
+    """The WRK_JSON line of a wrk run; WrkOutputError if there is none."""
+    for line in stdout.splitlines():
+        if line.startswith(WRK_MARK):
+            data = json.loads(line[len(WRK_MARK):])
+            return WrkRun(
+                requests=int(data["requests"]),
+                bytes=int(data["bytes"]),
+                duration_s=data["duration_us"] / 1e6,
+                errors=sum(int(v) for v in data["errors"].values()),
+                p50_ms=data["p50_us"] / 1000,
+                p99_ms=data["p99_us"] / 1000,
+            )
+    raise WrkOutputError(f"no {WRK_MARK.strip()} line in wrk's output: {stdout[-500:]!r}")
+
+
+@dataclass
+class Figures:
+    """One system in one scenario, over all its rounds."""
+
+    runs: list[WrkRun] = field(default_factory=list)
+    rss_mib: list[float] = field(default_factory=list)  # peak RSS of each worker, any round
+
+    def summary(self) -> dict[str, Any]:
+        seconds = sum(r.duration_s for r in self.runs)
+        return {
+            "req_s": round(sum(r.requests for r in self.runs) / seconds, 1) if seconds else 0.0,
+            "mb_s": round(sum(r.bytes for r in self.runs) / MIB / seconds, 2) if seconds else 0.0,
+            # Per-round percentiles, averaged: wrk gives no mergeable histogram.
+            "p50_ms": round(statistics.fmean(r.p50_ms for r in self.runs), 2),
+            "p99_ms": round(statistics.fmean(r.p99_ms for r in self.runs), 2),
+            "errors": sum(r.errors for r in self.runs),
+            "rounds": len(self.runs),
+            "peak_rss_mib_per_worker": round(max(self.rss_mib), 1) if self.rss_mib else None,
+        }
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    """a / b, rounded; None when either is missing or b is zero."""
+    if a is None or b is None or b == 0:
+        return None
+    return round(a / b, 3)
+
+
+def ratios(summaries: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """serve-image / nginx and serve-image / naive (same backend), per system and scenario.
+
+    `summaries` is scenario -> system -> Figures.summary(). serve-image
+    systems are named `serve-image-<backend>-...`, the baselines `nginx`
+    and `naive-<backend>`.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for scenario, systems in summaries.items():
+        figure = RATIO_FIGURE[scenario]
+        nginx = systems.get("nginx", {}).get(figure)
+        for name, s in systems.items():
+            if not name.startswith("serve-image-"):
+                continue
+            backend = name.split("-")[2]
+            naive = systems.get(f"naive-{backend}", {}).get(figure)
+            out.setdefault(scenario, {})[name] = {
+                "figure": figure,
+                "vs_nginx": ratio(s.get(figure), nginx),
+                "vs_naive": ratio(s.get(figure), naive),
+            }
+    return out
+
+
+@dataclass(frozen=True)
+class Target:
+    text: str
+    value: float | None
+    limit: float
+    higher_is_better: bool = True
+
+    @property
+    def met(self) -> bool | None:
+        if self.value is None:
+            return None
+        return self.value >= self.limit if self.higher_is_better else self.value < self.limit
+
+
+def targets(
+    summaries: Mapping[str, Mapping[str, Mapping[str, Any]]],
+    rat: Mapping[str, Mapping[str, Mapping[str, Any]]],
+) -> list[Target]:
+    """The issue's targets, each with the figure measured for it (None if not run)."""
+    def r(scenario: str, system: str, key: str) -> float | None:
+        value = rat.get(scenario, {}).get(system, {}).get(key)
+        return None if value is None else float(value)
+
+    out = [
+        Target("small, MariaDB 1 worker / naive >= 4",
+               r("small", "serve-image-mysql-1w", "vs_naive"), 4),
+        Target("small, MariaDB 1 worker / nginx >= 0.08",
+               r("small", "serve-image-mysql-1w", "vs_nginx"), 0.08),
+        Target("small, PostgreSQL 1 worker / naive >= 3",
+               r("small", "serve-image-pgsql-1w", "vs_naive"), 3),
+        Target("small, SQLite 1 worker / naive >= 3",
+               r("small", "serve-image-sqlite-1w", "vs_naive"), 3),
+        Target("small, MariaDB 1 worker, asyncmy / naive >= 4",
+               r("small", "serve-image-mysql-1w-asyncmy", "vs_naive"), 4),
+        Target("small, MariaDB 1 worker + hot cache / nginx >= 0.25",
+               r("small", "serve-image-mysql-1w-cache", "vs_nginx"), 0.25),
+    ]
+    for system in sorted(rat.get("large", {})):
+        out.append(Target(f"5 MiB MB/s, {system} / nginx >= 0.4",
+                          r("large", system, "vs_nginx"), 0.4))
+    slow = summaries.get("slow_readers", {})
+    small = summaries.get("small", {})
+    for system in sorted(s for s in slow if s.startswith("serve-image-")):
+        rss = slow[system].get("peak_rss_mib_per_worker")
+        out.append(Target(f"64 slow readers, {system}: peak RSS per worker (MiB) < 150",
+                          None if rss is None else float(rss), 150, higher_is_better=False))
+        p99 = ratio(slow[system].get("p99_ms"), small.get(system, {}).get("p99_ms"))
+        out.append(Target(f"64 slow readers, {system}: 10 KiB p99 / p99 without them < 5",
+                          p99, 5, higher_is_better=False))
+    return out
+
+
+def _cell(value: Any) -> str:
+    return "-" if value is None else str(value)
+
+
+def markdown(report: Mapping[str, Any]) -> str:
+    """The report as Markdown tables: figures per scenario, then the targets."""
+    lines = [f"# serve-image benchmark, {report['started']}", "", f"Command: `{report['command']}`",
+             "", f"{report['machine']}", ""]
+    for scenario, systems in report["summaries"].items():
+        rat = report["ratios"].get(scenario, {})
+        lines += [f"## {scenario}: {SCENARIOS[scenario]}", "",
+                  "| system | req/s | MB/s | p50 ms | p99 ms | peak RSS/worker MiB | errors "
+                  "| / nginx | / naive |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for name, s in systems.items():
+            q = rat.get(name, {})
+            lines.append(
+                f"| {name} | {s['req_s']} | {s['mb_s']} | {s['p50_ms']} | {s['p99_ms']} "
+                f"| {_cell(s['peak_rss_mib_per_worker'])} | {s['errors']} "
+                f"| {_cell(q.get('vs_nginx'))} | {_cell(q.get('vs_naive'))} |"
+            )
+        lines.append("")
+    lines += ["## Targets", "", "| target | measured | met |", "| --- | ---: | :---: |"]
+    for t in report["targets"]:
+        met = {True: "yes", False: "**no**", None: "-"}[t["met"]]
+        lines.append(f"| {t['text']} | {_cell(t['value'])} | {met} |")
+    return "\n".join(lines) + "\n"
+
+
+def target_dicts(ts: Iterable[Target]) -> list[dict[str, Any]]:
+    return [{**asdict(t), "met": t.met} for t in ts]
+
+
+def chart(report: Mapping[str, Any], path: str, order: Sequence[str]) -> None:
+    """A PNG with one bar chart per scenario (matplotlib, no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("small", "req_s", "10 KiB GETs: req/s"),
+              ("not_modified", "req_s", "If-None-Match (304): req/s"),
+              ("large", "mb_s", "5 MiB file: MB/s"),
+              ("slow_readers", "p99_ms", "10 KiB p99 ms with 64 slow readers"),
+              ("slow_readers", "peak_rss_mib_per_worker", "peak RSS per worker, MiB")]
+    panels = [p for p in panels if p[0] in report["summaries"]]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(9, 2.6 * len(panels)), squeeze=False)
+    for ax, (scenario, key, title) in zip(axes[:, 0], panels, strict=True):
+        systems = report["summaries"][scenario]
+        names = [n for n in order if n in systems]
+        values = [systems[n][key] or 0 for n in names]
+        colours = ["#888888" if n == "nginx" else "#c44e52" if n.startswith("naive")
+                   else "#4c72b0" for n in names]
+        ax.barh(names, values, color=colours)
+        ax.invert_yaxis()
+        ax.set_title(title, fontsize=10)
+        ax.tick_params(labelsize=8)
+        for y, v in enumerate(values):
+            ax.text(v, y, f" {v:g}", va="center", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,87 @@
+"""The hot-object cache: small files kept in the worker's memory for a few seconds.
+
+Off by default (CACHE_MAX_BYTES = 0). When on, a small file read whole in
+its one query is kept with its row, so the next request for it — a 200, a
+HEAD or a 304 — costs no database round trip. A row read without its bytes
+(for a 304, a HEAD or a range) is kept too, without them: the next 304 or
+HEAD for that file, whatever its size, is answered from memory. An entry is served for at
+most CACHE_TTL seconds after it was read: that is the staleness bound. A
+file replaced or deleted in the database may still be served, unchanged, for
+up to CACHE_TTL seconds by each worker that cached it; after that it is read
+again. The cache is per worker process and per site, bounded in bytes, and
+drops the least recently used entries first.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import NamedTuple
+
+from serve_image.backends import FileMeta
+
+# What an entry costs beyond its bytes (the key, the row, the dict slot):
+# counted so that many tiny files cannot grow the cache past its bound.
+ENTRY_OVERHEAD = 256
+
+
+class Entry(NamedTuple):
+    meta: FileMeta
+    body: bytes | None  # None: the row only
+    expires: float  # time.monotonic() after which the entry is not used
+
+
+class HotCache:
+    """Least recently used small files, at most `max_bytes`, each for at most `ttl` seconds."""
+
+    def __init__(
+        self, max_bytes: int, ttl: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.max_bytes = max_bytes
+        self.ttl = ttl
+        # Files above this size are not cached: one would push out many small ones.
+        self.max_file_bytes = max(0, max_bytes // 16 - ENTRY_OVERHEAD)
+        self.clock = clock
+        self.bytes = 0
+        self._entries: OrderedDict[str, Entry] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, name_hash: str) -> Entry | None:
+        """The fresh entry for a file, or None (an expired one is dropped)."""
+        entry = self._entries.get(name_hash)
+        if entry is None:
+            return None
+        if self.clock() >= entry.expires:
+            self._drop(name_hash)
+            return None
+        self._entries.move_to_end(name_hash)
+        return entry
+
+    def put(self, meta: FileMeta, body: bytes) -> None:
+        """Keep a live file's row and its whole body; too big a file is not kept."""
+        if len(body) == meta.size and len(body) <= self.max_file_bytes:
+            self._keep(meta, body)
+
+    def put_meta(self, meta: FileMeta) -> None:
+        """Keep a live file's row alone (enough for a 304 or a HEAD)."""
+        self._keep(meta, None)
+
+    def _keep(self, meta: FileMeta, body: bytes | None) -> None:
+        if not meta.live:
+            return
+        if meta.name_hash in self._entries:
+            self._drop(meta.name_hash)
+        self._entries[meta.name_hash] = Entry(meta, body, self.clock() + self.ttl)
+        self.bytes += _cost(body)
+        while self.bytes > self.max_bytes:
+            self._drop(next(iter(self._entries)))
+
+    def _drop(self, name_hash: str) -> None:
+        self.bytes -= _cost(self._entries.pop(name_hash).body)
+
+
+def _cost(body: bytes | None) -> int:
+    return ENTRY_OVERHEAD + (0 if body is None else len(body))

@@ -1,0 +1,260 @@
+"""The cluster file handler: what eZ Publish's eZDBFileHandler does, as an async API.
+
+For applications that write into the cluster and for the command line
+(`import`, `export`, `ls`, `rm`, ...)::
+
+    async with ClusterFiles.open(load_site("intranet")) as cluster:
+        await cluster.store_file("/srv/site/var/intranet/storage/images/a/b.jpg",
+                                 "var/intranet/storage/images/a/b.jpg")
+        data = await cluster.fetch_contents("var/intranet/storage/images/a/b.jpg")
+
+Every write is one transaction: a reader sees the old file or the new one,
+never half of one. Every method raises DatabaseUnavailable when the database
+cannot answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from serve_image.backends import make_backend
+from serve_image.backends.base import Backend, BrokenFile, FileMeta, StoredFile, name_hash
+from serve_image.filetypes import HEAD_BYTES, guess_datatype, scope_for
+from serve_image.settings import Settings
+
+__all__ = [
+    "BrokenFile", "ClusterFiles", "FileBroken", "SourceChanged", "Stored", "StoredFile",
+]
+
+# Bytes of chunks fetched per query when reading a file back.
+READ_BATCH_BYTES = 256 * 1024
+
+
+class SourceChanged(Exception):
+    """A local file changed size or vanished while it was being stored; nothing was stored."""
+
+
+class FileBroken(Exception):
+    """A stored file was replaced or deleted while being read, or its chunks have a gap."""
+
+
+@dataclass(frozen=True, slots=True)
+class Stored:
+    """What `store_file` and `store_contents` wrote."""
+
+    name: str
+    size: int
+    mtime: int
+    datatype: str
+    scope: str
+    sha256: str
+
+
+class _ChunkReader:
+    """Exactly `size` bytes of an open file in chunks, hashed on the way.
+
+    Read errors leave as SourceChanged, never as OSError: the MySQL and
+    PostgreSQL backends take an OSError inside a transaction for a broken
+    database connection.
+    """
+
+    def __init__(self, f: BinaryIO, size: int, chunk_size: int, head: bytes) -> None:
+        self.f, self.size, self.chunk_size, self.head = f, size, chunk_size, head
+        self.digest = hashlib.sha256()
+
+    def __iter__(self) -> Iterator[bytes]:
+        left = self.size
+        buf = self.head
+        while left > 0:
+            want = min(self.chunk_size, left)
+            if len(buf) < want:
+                try:
+                    more = self.f.read(want - len(buf))
+                except OSError as e:
+                    raise SourceChanged(f"read failed: {e.strerror or e}") from None
+                if not more:
+                    raise SourceChanged("file shrank while being read")
+                buf += more
+                continue
+            data, buf = buf[:want], buf[want:]
+            left -= want
+            self.digest.update(data)
+            yield data
+
+
+def _mtime(st: os.stat_result) -> int:
+    # eZ's mtime is a signed INT and a negative one means deleted: a file
+    # dated before 1970 is stored as 0.
+    return max(0, int(st.st_mtime))
+
+
+class ClusterFiles:
+    """eZ's cluster file handler over one backend."""
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+        self.chunk_size = backend.settings.chunk_size
+
+    @classmethod
+    @asynccontextmanager
+    async def open(
+        cls, settings: Settings, *, readonly: bool = False
+    ) -> AsyncIterator[ClusterFiles]:
+        """Connect a backend for the site, close it afterwards."""
+        backend = make_backend(settings, readonly=readonly)
+        await backend.connect()
+        try:
+            yield cls(backend)
+        finally:
+            await backend.close()
+
+    # -- writing ----------------------------------------------------------
+    async def store_file(
+        self, path: str | os.PathLike[str] | bytes, name: str, *, scope: str | None = None,
+        datatype: str | None = None,
+    ) -> Stored:
+        """Store a local file under `name` with its mtime, replacing any file of that name.
+
+        The type is guessed from the bytes, then the name; the scope from the
+        path. Raises SourceChanged if the file changes size while read (then
+        nothing is stored), OSError if it cannot be opened.
+        """
+        # Opened off the event loop (a network file system can take its
+        # time); the chunks are read by the backend's store, in its thread
+        # for SQLite.
+        f = await asyncio.to_thread(open, path, "rb")
+        with f:
+            st = os.fstat(f.fileno())
+            head = f.read(min(HEAD_BYTES, st.st_size)) if st.st_size else b""
+            reader = _ChunkReader(f, st.st_size, self.chunk_size, head)
+            datatype = datatype or guess_datatype(head, name)
+            scope = scope or scope_for(name)
+            mtime = _mtime(st)
+            await self.backend.store(
+                name, reader, size=st.st_size, mtime=mtime, datatype=datatype, scope=scope,
+            )
+            after = os.fstat(f.fileno())
+        if (after.st_size, _mtime(after)) != (st.st_size, mtime):
+            # Written to while read: what was stored may mix two versions.
+            # The next run (or the watcher's next event) stores it again.
+            raise SourceChanged("file changed while being read")
+        return Stored(name, st.st_size, mtime, datatype, scope, reader.digest.hexdigest())
+
+    async def store_contents(
+        self, name: str, data: bytes, *, scope: str | None = None, datatype: str | None = None,
+        mtime: int | None = None,
+    ) -> Stored:
+        """Store bytes under `name` (mtime: now unless given)."""
+        datatype = datatype or guess_datatype(data[:HEAD_BYTES], name)
+        scope = scope or scope_for(name)
+        mtime = int(time.time()) if mtime is None else mtime
+        step = self.chunk_size
+        await self.backend.store(
+            name, (data[i:i + step] for i in range(0, len(data), step)), size=len(data),
+            mtime=mtime, datatype=datatype, scope=scope,
+        )
+        return Stored(name, len(data), mtime, datatype, scope, hashlib.sha256(data).hexdigest())
+
+    async def delete(self, name: str) -> bool:
+        """eZ's soft delete; False when there was no live file of that name."""
+        return await self.backend.soft_delete(name)
+
+    async def delete_by_wildcard(self, pattern: str) -> list[str]:
+        """Soft-delete live files matching `pattern`: `*` any run (`/` too), `?` one character."""
+        return await self.backend.delete_by_wildcard(pattern)
+
+    async def purge(self, older_than_days: float, *, dry_run: bool = False) -> tuple[int, int]:
+        """Remove soft-deleted files older than that for good: (files, bytes)."""
+        cutoff = int(time.time() - older_than_days * 86400)
+        return await self.backend.purge(cutoff, dry_run=dry_run)
+
+    # -- reading ----------------------------------------------------------
+    async def stat(self, name: str) -> StoredFile | None:
+        """The file's row, deleted or not (see `StoredFile.live`)."""
+        return await self.backend.stat_file(name)
+
+    async def exists(self, name: str) -> bool:
+        """True when a live (not deleted, not expired) file has that name."""
+        meta = await self.backend.fetch_meta(name_hash(name))
+        return meta is not None and meta.live
+
+    def list(
+        self, prefix: str = "", *, scope: str | None = None, include_deleted: bool = False,
+    ) -> AsyncIterator[StoredFile]:
+        """Files whose name starts with `prefix`, by name."""
+        return self.backend.list_files(prefix, scope=scope, include_deleted=include_deleted)
+
+    def verify(self) -> AsyncIterator[BrokenFile]:
+        """Live files whose chunks do not add up to their size."""
+        return self.backend.verify()
+
+    async def read(self, name: str) -> tuple[FileMeta, AsyncIterator[bytes]] | None:
+        """A live file's row and its bytes, one version throughout (FileBroken otherwise)."""
+        meta = await self.backend.fetch_meta(name_hash(name))
+        if meta is None or not meta.live:
+            return None
+        return meta, self._chunks(meta)
+
+    async def _chunks(self, meta: FileMeta) -> AsyncIterator[bytes]:
+        limit = max(1, READ_BATCH_BYTES // self.chunk_size)
+        pos = 0
+        while pos < meta.size:
+            chunks = await self.backend.fetch_chunks(meta, pos, meta.size - 1, limit)
+            if not chunks:
+                raise FileBroken(f"{meta.name_hash}: replaced or deleted while read")
+            for c in chunks:
+                if not c.offset <= pos < c.offset + len(c.data):
+                    raise FileBroken(f"{meta.name_hash}: no chunk holds byte {pos}")
+                data = c.data[pos - c.offset:meta.size - c.offset]
+                pos += len(data)
+                yield bytes(data)
+
+    async def fetch_contents(self, name: str) -> bytes | None:
+        """A live file's bytes, or None."""
+        found = await self.read(name)
+        if found is None:
+            return None
+        return b"".join([c async for c in found[1]])
+
+    async def fetch_file(self, name: str, path: str | os.PathLike[str]) -> FileMeta | None:
+        """Write a live file to `path` with its mtime; None if there is none.
+
+        Atomic: the bytes go to a temporary file in the same directory,
+        renamed over `path` once complete, so `path` is never half written.
+        """
+        found = await self.read(name)
+        if found is None:
+            return None
+        meta, chunks = found
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name[:40]}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as out:
+                async for data in chunks:
+                    out.write(data)
+            os.utime(tmp, (meta.mtime, meta.mtime))
+            os.replace(tmp, target)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+        return meta
+
+    async def sha256(self, name: str) -> str | None:
+        """The sha256 of a live file's stored bytes (`import --remove` checks it)."""
+        found = await self.read(name)
+        if found is None:
+            return None
+        digest = hashlib.sha256()
+        async for data in found[1]:
+            digest.update(data)
+        return digest.hexdigest()

@@ -1,0 +1,188 @@
+"""Local copies on demand: after a complete 200, keep the file on the node's own disk.
+
+With LOCAL_COPY_DIR set to the web server's document root, the endpoint
+writes each file it has served whole to `LOCAL_COPY_DIR/<name>`, so the web
+server serves it from disk next time (Apache's `missing` snippet only sends
+requests for absent files to serve-image). How the disk is written safely,
+and how the budget is counted: `localfs`.
+
+The copy is made by one background task per process, after the response,
+from a bounded queue: a request only pays for a `put_nowait`. A small file
+whose bytes the endpoint read with its row is handed over as is; a larger one
+is read again from the database in batches. Teeing the streamed bytes instead
+would mean holding a whole large file in memory, or writing to disk inside
+the response loop; and a re-read goes through `fetch_chunks`, which returns
+nothing once the row no longer has the served mtime and size, so a copy is
+never a mix of two versions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import time
+
+from serve_image import localfs
+from serve_image.backends import Backend, FileMeta
+from serve_image.errors import DatabaseUnavailable
+from serve_image.localfs import CopyRefused
+from serve_image.settings import Settings
+
+logger = logging.getLogger("serve_image.localcopy")
+
+# Copies waiting to be written; when full, a file is not copied this time
+# (a later request for it offers it again). Bounds the memory held by
+# waiting small files to QUEUE_SIZE chunks.
+QUEUE_SIZE = 64
+# Bytes read from the database per query when re-reading a larger file.
+BATCH_BYTES = 256 * 1024
+# How long shutdown waits for the copy being written before cancelling it.
+CLOSE_SECONDS = 5.0
+# A file copied or found up to date is not checked again on disk for this
+# long (when requests still reach the endpoint, e.g. without Apache's
+# `missing` snippet): the check costs a thread hop and a walk of the path.
+# Bounded in entries; a copy removed by hand is made again after at most this.
+KNOWN_SECONDS = 60.0
+KNOWN_MAX = 10_000
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Job:
+    name: str
+    meta: FileMeta
+    data: bytes | None  # the whole file when the endpoint already had it
+
+
+class LocalCopies:
+    """One process's writer of local copies for one site."""
+
+    def __init__(self, settings: Settings, backend: Backend, root: str) -> None:
+        self.settings = settings
+        self.backend = backend
+        self.root = root
+        self.limit = settings.local_copy_max_bytes
+        self.batch = max(1, BATCH_BYTES // settings.chunk_size)
+        self._queue: asyncio.Queue[_Job | None] = asyncio.Queue(QUEUE_SIZE)
+        self._pending: set[str] = set()
+        # name -> (mtime, size, until): files copied, found up to date, or
+        # left out for the budget; not looked at again until `until`.
+        self._known: dict[str, tuple[int, int, float]] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    @classmethod
+    def for_site(cls, settings: Settings, backend: Backend) -> LocalCopies | None:
+        """The site's writer, or None when LOCAL_COPY_DIR is not set."""
+        if settings.local_copy_dir is None:
+            return None
+        return cls(settings, backend, settings.local_copy_dir)
+
+    def offer(self, name: str, meta: FileMeta, data: bytes | None) -> None:
+        """Called once a complete 200 is sent: queue a copy, never wait."""
+        if name in self._pending:
+            return
+        known = self._known.get(name)
+        if known is not None and known[:2] == (meta.mtime, meta.size):
+            if time.monotonic() < known[2]:
+                return
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+        try:
+            self._queue.put_nowait(_Job(name, meta, data))
+        except asyncio.QueueFull:
+            logger.debug("local copy queue full; %s not copied this time", name)
+            return
+        self._pending.add(name)
+
+    async def drain(self) -> None:
+        """Wait until every queued copy is written or given up (tests, shutdown)."""
+        await self._queue.join()
+
+    async def close(self) -> None:
+        """Finish the copy being written (at most CLOSE_SECONDS), drop the queued ones."""
+        if self._task is None:
+            return
+        while not self._queue.empty():
+            self._queue.get_nowait()
+            self._queue.task_done()
+        self._pending.clear()
+        self._queue.put_nowait(None)
+        with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+            await asyncio.wait_for(self._task, CLOSE_SECONDS)
+        self._task = None
+
+    async def _run(self) -> None:
+        try:
+            total = await asyncio.to_thread(localfs.recount, self.root)
+            logger.info("local copies in %s: %d bytes of %d", self.root, total, self.limit)
+        except OSError as e:
+            logger.warning("local copies: cannot scan %s: %s", self.root, e)
+        while True:
+            job = await self._queue.get()
+            if job is None:
+                self._queue.task_done()
+                return
+            try:
+                await self._copy(job)
+                if len(self._known) >= KNOWN_MAX:
+                    self._known.clear()
+                meta = job.meta
+                self._known[job.name] = (meta.mtime, meta.size, time.monotonic() + KNOWN_SECONDS)
+            except CopyRefused as e:
+                logger.warning("local copy refused: %s", e)
+            except (OSError, DatabaseUnavailable) as e:
+                # A full disk, a permission, a file where a directory should
+                # be, the database gone: the response went out already; only
+                # the copy is lost, and a later request offers it again.
+                logger.warning("local copy of %s failed: %s", job.name, e)
+            except Exception:  # the task's boundary: it must outlive any one copy
+                logger.exception("local copy of %s failed", job.name)
+            finally:
+                self._pending.discard(job.name)
+                self._queue.task_done()
+
+    async def _copy(self, job: _Job) -> None:
+        meta = job.meta
+        if await asyncio.to_thread(localfs.up_to_date, self.root, job.name, meta):
+            return
+        if not await asyncio.to_thread(localfs.reserve, self.root, meta.size, self.limit):
+            logger.info("local copy of %s skipped: LOCAL_COPY_MAX_BYTES (%d) reached",
+                        job.name, self.limit)
+            return
+        reserved = meta.size
+        try:
+            temp = await asyncio.to_thread(localfs.TempCopy, self.root, job.name)
+            try:
+                if job.data is not None:
+                    await asyncio.to_thread(temp.write, job.data)
+                else:
+                    await self._reread(temp, meta)
+                replaced = await asyncio.to_thread(temp.commit, meta)
+            except BaseException:
+                await asyncio.to_thread(temp.abort)
+                raise
+            reserved = replaced  # the new copy stays counted; the old one is gone
+            logger.debug("local copy written: %s (%d bytes)", job.name, meta.size)
+        finally:
+            if reserved:
+                await asyncio.to_thread(localfs.release, self.root, reserved)
+
+    async def _reread(self, temp: localfs.TempCopy, meta: FileMeta) -> None:
+        # The same checks as the endpoint's stream: chunks must cover the file
+        # exactly, from this version of the row.
+        pos, end = 0, meta.size - 1
+        while pos <= end:
+            chunks = await self.backend.fetch_chunks(meta, pos, end, self.batch)
+            if not chunks:
+                raise CopyRefused(f"{temp.name}: replaced or deleted since it was served")
+            parts = []
+            for chunk in chunks:
+                length = len(chunk.data)
+                if not chunk.offset <= pos < chunk.offset + length:
+                    raise CopyRefused(f"{temp.name}: no chunk holds byte {pos}")
+                if chunk.offset + length > meta.size:
+                    raise CopyRefused(f"{temp.name}: chunks add up to more than its size")
+                parts.append(chunk.data[pos - chunk.offset:])
+                pos = chunk.offset + length
+            await asyncio.to_thread(temp.write, b"".join(parts))

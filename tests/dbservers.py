@@ -1,0 +1,157 @@
+"""Database servers of a test's own, to stop and start: a MariaDB and a PostgreSQL cluster.
+
+Each lives in a temporary directory, listens on its own loopback port and
+Unix socket, and is killed (not shut down politely: a crash is what failover
+must survive) and restarted by the failover tests.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from tests.helpers import free_port
+
+
+def _wait_port(port: int, proc: subprocess.Popen[bytes], what: str, seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode} while starting")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.02)
+    raise RuntimeError(f"{what} did not listen on port {port} within {seconds} s")
+
+
+class Server:
+    """A server process of our own on 127.0.0.1:port."""
+
+    what = "server"
+
+    def __init__(self) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix=f"si-{self.what}-", dir="/tmp"))
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def command(self) -> tuple[list[str], dict[str, object]]:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        args, kwargs = self.command()
+        with open(self.dir / "server.log", "ab") as log:
+            self.proc = subprocess.Popen(  # type: ignore[call-overload]
+                args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, **kwargs
+            )
+        _wait_port(self.port, self.proc, self.what)
+        self.wait_ready()
+
+    def wait_ready(self) -> None:
+        pass
+
+    def kill(self) -> None:
+        """Crash the server: its clients see their connections reset."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, self.kill_signal)
+            self.proc.wait(20)
+        self.proc = None
+
+    kill_signal = signal.SIGKILL
+
+    def stop(self) -> None:
+        self.kill()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def log(self) -> str:
+        try:
+            return (self.dir / "server.log").read_text(errors="replace")[-2000:]
+        except OSError:
+            return ""
+
+
+class MariaDB(Server):
+    what = "mariadb"
+
+    def __init__(self) -> None:
+        super().__init__()
+        data = self.dir / "data"
+        subprocess.run(
+            ["mariadb-install-db", "--no-defaults", f"--datadir={data}", "--user=root",
+             "--auth-root-authentication-method=normal", "--skip-test-db",
+             "--skip-name-resolve"],
+            check=True, capture_output=True, timeout=120,
+        )
+
+    def command(self) -> tuple[list[str], dict[str, object]]:
+        d = self.dir
+        return [
+            "/usr/sbin/mariadbd", "--no-defaults", f"--datadir={d / 'data'}", f"--port={self.port}",
+            f"--socket={d / 'mysql.sock'}", f"--pid-file={d / 'mysql.pid'}",
+            "--bind-address=127.0.0.1", "--user=root", "--skip-name-resolve",
+            "--skip-log-bin", "--innodb-buffer-pool-size=32M", "--innodb-flush-log-at-trx-commit=2",
+            "--max-connections=200",
+        ], {}
+
+    def wait_ready(self) -> None:
+        import pymysql
+
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                pymysql.connect(host="127.0.0.1", port=self.port, user="root", password="",
+                                connect_timeout=1).close()
+                return
+            except pymysql.err.MySQLError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+
+class PostgreSQL(Server):
+    what = "postgresql"
+    # Immediate shutdown: the postmaster kills its backends and exits at
+    # once, as after a crash (a SIGKILLed postmaster would leave them running).
+    kill_signal = signal.SIGQUIT
+
+    def __init__(self) -> None:
+        super().__init__()
+        bins = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+        if not bins:
+            raise RuntimeError("no /usr/lib/postgresql/*/bin/initdb")
+        self.bin = Path(bins[-1]).parent
+        pw = pwd.getpwnam("postgres")
+        self.uid, self.gid = pw.pw_uid, pw.pw_gid
+        os.chown(self.dir, self.uid, self.gid)
+        # postgres refuses to run as root: run it as the postgres user.
+        subprocess.run(
+            [str(self.bin / "initdb"), "-D", str(self.dir / "data"), "-U", "postgres",
+             "--auth=trust", "-E", "UTF8", "--no-sync"],
+            check=True, capture_output=True, timeout=120, user=self.uid, group=self.gid,
+        )
+
+    def command(self) -> tuple[list[str], dict[str, object]]:
+        return [
+            str(self.bin / "postgres"), "-D", str(self.dir / "data"), "-p", str(self.port),
+            "-k", str(self.dir), "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off",
+            "-c", "shared_buffers=16MB", "-c", "max_connections=100",
+        ], {"user": self.uid, "group": self.gid}
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + 30
+        while subprocess.run(
+            [str(self.bin / "pg_isready"), "-h", "127.0.0.1", "-p", str(self.port), "-q"],
+            check=False,
+        ).returncode != 0:
+            if time.monotonic() > deadline:
+                raise RuntimeError("postgresql did not become ready")
+            time.sleep(0.05)

@@ -1,0 +1,125 @@
+"""A real uvicorn server in the test's event loop, and a raw-socket client that reads slowly."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import urllib.parse
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import uvicorn
+
+from tests.helpers import free_port
+
+Answer = tuple[int, dict[bytes, bytes], bytes, list[dict[str, Any]]]
+
+
+async def call(app: Any, raw_path: bytes, method: str = "GET",
+               headers: list[tuple[bytes, bytes]] | None = None) -> Answer:
+    """Call the ASGI app with any bytes as the path; (status, headers, body, messages)."""
+    path = urllib.parse.unquote(raw_path.split(b"?")[0].decode("latin-1"))
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method,
+        "scheme": "http", "path": path, "raw_path": raw_path, "root_path": "",
+        "query_string": raw_path.partition(b"?")[2], "headers": headers or [],
+        "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80),
+    }
+    sent: list[dict[str, Any]] = []
+    never = asyncio.Event()
+    first = True
+
+    async def receive() -> dict[str, Any]:
+        nonlocal first
+        if first:
+            first = False
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await never.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await app(scope, receive, send)
+    start = sent[0]
+    body = b"".join(m.get("body", b"") for m in sent[1:])
+    return start["status"], dict(start["headers"]), body, sent
+
+
+@asynccontextmanager
+async def uvicorn_server(app: Any, **config: Any) -> AsyncIterator[int]:
+    """Serve `app` (already started) on a loopback port for the block; yields the port."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(
+        app, host="127.0.0.1", port=port, lifespan="off", log_level="warning",
+        http="httptools", **config,
+    ))
+    task = asyncio.create_task(server.serve())
+    for _ in range(500):
+        if server.started or task.done():
+            break
+        await asyncio.sleep(0.01)
+    if not server.started:
+        await task  # raises what made it fail
+        raise RuntimeError("uvicorn did not start")
+    try:
+        yield port
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 30)
+
+
+class RawClient:
+    """One HTTP/1.1 request over a socket with a small receive buffer: a slow reader."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.status = 0
+        self.headers: dict[str, str] = {}
+        self.body = bytearray()
+
+    @classmethod
+    async def get(cls, port: int, target: str, rcvbuf: int = 16384,
+                  extra: bytes = b"") -> RawClient:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # Before connect, so the window the server sees stays small.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+        reader, writer = await asyncio.open_connection(sock=sock, limit=65536)
+        writer.write(f"GET {target} HTTP/1.1\r\nHost: t\r\n".encode() + extra + b"\r\n")
+        await writer.drain()
+        client = cls(reader, writer)
+        head = await reader.readuntil(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        client.status = int(lines[0].split()[1])
+        for line in lines[1:]:
+            if ":" in line:
+                k, v = line.split(":", 1)
+                client.headers[k.strip().lower()] = v.strip()
+        return client
+
+    @property
+    def length(self) -> int:
+        return int(self.headers["content-length"])
+
+    async def read(self, n: int) -> bool:
+        """Read up to n more body bytes; False at end of stream."""
+        want = min(n, self.length - len(self.body))
+        while want > 0:
+            data = await self.reader.read(want)
+            if not data:
+                return False
+            self.body += data
+            want -= len(data)
+        return len(self.body) < self.length
+
+    async def read_all(self, pause: float = 0.0, step: int = 65536) -> None:
+        while await self.read(step):
+            if pause:
+                await asyncio.sleep(pause)
+
+    def close(self) -> None:
+        self.writer.close()

@@ -1,0 +1,51 @@
+"""The benchmark runner's pure parts: reading wrk's output, figures and ratios."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.report import Figures, WrkOutputError, WrkRun, parse_wrk, ratios
+
+WRK_OUTPUT = """Running 3s test @ http://127.0.0.1:8000
+  1 threads and 32 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency     6.31ms    2.10ms  40.12ms   90.00%
+  15000 requests in 3.00s, 150.00MB read
+Requests/sec:   5000.00
+WRK_JSON {"requests": 15000, "bytes": 157286400, "duration_us": 3000000, \
+"errors": {"connect": 0, "read": 1, "write": 0, "status": 2, "timeout": 0}, \
+"p50_us": 6100, "p99_us": 18500, "max_us": 40120}
+"""
+
+
+def test_parse_wrk_reads_the_lua_scripts_line() -> None:
+    assert parse_wrk(WRK_OUTPUT) == WrkRun(
+        requests=15000, bytes=157286400, duration_s=3.0, errors=3, p50_ms=6.1, p99_ms=18.5
+    )
+
+
+def test_parse_wrk_without_the_line_is_an_error() -> None:
+    with pytest.raises(WrkOutputError):
+        parse_wrk("unable to connect to 127.0.0.1:8000 Connection refused\n")
+
+
+def test_figures_add_up_rounds_and_ratios_compare_like_with_like() -> None:
+    def figures(requests: int, mib: int) -> dict[str, object]:
+        f = Figures([WrkRun(requests, mib * 1024 * 1024, 2.0, 0, 1.0, 4.0)] * 2, [30.0, 40.0])
+        return f.summary()
+
+    si = figures(10_000, 100)
+    assert (si["req_s"], si["mb_s"], si["p99_ms"], si["peak_rss_mib_per_worker"]) == (
+        5000.0, 50.0, 4.0, 40.0
+    )
+    summaries = {
+        "small": {"serve-image-mysql-1w": si, "nginx": figures(80_000, 800),
+                  "naive-mysql": figures(1_000, 10), "naive-pgsql": figures(4_000, 40)},
+        "large": {"serve-image-mysql-1w": si, "nginx": figures(100, 400)},
+    }
+    assert ratios(summaries) == {
+        "small": {"serve-image-mysql-1w": {"figure": "req_s", "vs_nginx": 0.125,
+                                            "vs_naive": 10.0}},
+        "large": {"serve-image-mysql-1w": {"figure": "mb_s", "vs_nginx": 0.25,
+                                            "vs_naive": None}},
+    }

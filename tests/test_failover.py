@@ -1,0 +1,570 @@
+"""Staying up while databases fail: failover, all servers down, killed connections,
+disconnecting clients, an exhausted pool, graceful shutdown.
+
+The failover tests run a MariaDB and a PostgreSQL server of their own
+(tests/dbservers.py) in front of this machine's servers, and crash them under
+load. Figures measured here (failover window, 503 latency, recovery time) are
+printed with `-s`; bounds asserted are loose on purpose (speed is measured
+by benchmarks, not asserted), the behaviours are exact.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from serve_image.app import ServeImage
+from serve_image.backends import make_backend
+from serve_image.failover import Failover
+from serve_image.settings import Settings, settings_from_mapping
+from tests.conftest import DatabaseFactory
+from tests.dbservers import MariaDB, PostgreSQL, Server
+from tests.helpers import IMG, SpyBackend, free_port, md5, payload, store
+from tests.live import RawClient, uvicorn_server
+
+pytestmark = pytest.mark.slow
+
+SMALL = f"{IMG}/small.jpg"
+WHICH = f"{IMG}/which.txt"
+BIG = f"{IMG}/big.jpg"
+SMALL_DATA = payload(3000, seed=1)
+SMALL_HASH = md5(SMALL)
+BIG_SIZE = 8 * 1024 * 1024
+BIG_DATA = payload(BIG_SIZE, seed=2)
+
+
+def figure(name: str, value: str) -> None:
+    print(f"\n[figure] {name}: {value}", file=sys.stderr)
+
+
+def percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
+
+
+# -- servers of our own ---------------------------------------------------------
+@pytest.fixture(scope="module", params=["mysql", "pgsql"])
+def own_server(request: pytest.FixtureRequest) -> Iterator[Server]:
+    server: Server = MariaDB() if request.param == "mysql" else PostgreSQL()
+    server.start()
+    yield server
+    server.stop()
+
+
+def _backend_of(server: Server) -> str:
+    return "mysql" if isinstance(server, MariaDB) else "pgsql"
+
+
+async def _create_db(backend: str, port: int, name: str) -> None:
+    if backend == "mysql":
+        import aiomysql
+
+        conn = await aiomysql.connect(host="127.0.0.1", port=port, user="root", password="")
+        async with conn.cursor() as cur:
+            await cur.execute(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4")
+        conn.close()
+    else:
+        import asyncpg
+
+        pg = await asyncpg.connect(host="127.0.0.1", port=port, user="postgres",
+                                   database="postgres")
+        await pg.execute(f'CREATE DATABASE "{name}"')
+        await pg.close()
+
+
+async def _fill(settings: Settings, which: bytes) -> None:
+    b = make_backend(settings)
+    await b.connect()
+    try:
+        await b.create_tables()
+        await store(b, SMALL, SMALL_DATA)
+        await store(b, WHICH, which, datatype="text/plain")
+    finally:
+        await b.close()
+
+
+async def _two_host_site(
+    databases: DatabaseFactory, own: Server, second: str | None = None
+) -> Settings:
+    """A site on [own server, this machine's server] (or [own, `second`]), same rows on both.
+
+    `which.txt` holds the name of the server it was read from.
+    """
+    backend = _backend_of(own)
+    main = await databases.constants(backend, STORAGE_CHUNK_SIZE=65535)
+    name = main["STORAGE_DB"]
+    await _create_db(backend, own.port, name)
+    common = {k: v for k, v in main.items() if k not in ("STORAGE_HOST", "STORAGE_PORT")}
+    own_only = settings_from_mapping({**common, "STORAGE_PORT": own.port}, "<own>")
+    await _fill(own_only, b"own")
+    main_addr = f"{main['STORAGE_HOST']}:{main['STORAGE_PORT']}"
+    if second is None:
+        await _fill(settings_from_mapping(main, "<main>"), b"main")
+    return settings_from_mapping(
+        {**common, "STORAGE_HOSTS": [f"127.0.0.1:{own.port}", second or main_addr],
+         "STORAGE_RETRY_INTERVAL": 0.25, "STORAGE_CONNECT_TIMEOUT": 1},
+        "<two hosts>",
+    )
+
+
+async def _start(settings: Settings) -> ServeImage:
+    app = ServeImage(settings)
+    await app.startup()
+    return app
+
+
+async def test_failover_under_load_then_back(
+    databases: DatabaseFactory, own_server: Server
+) -> None:
+    """Crash the first server under load: no request fails beyond the failover window,
+    every 200 has the right bytes, and reads go back to it once it returns."""
+    app = await _start(await _two_host_site(databases, own_server))
+    results: list[tuple[float, float, int]] = []  # (start, end, status)
+    stop = asyncio.Event()
+    wrong = 0
+    workers: list[asyncio.Task[None]] = []
+
+    async def load(c: httpx.AsyncClient) -> None:
+        nonlocal wrong
+        while not stop.is_set():
+            t0 = time.monotonic()
+            r = await c.get(f"/{SMALL}")
+            results.append((t0, time.monotonic(), r.status_code))
+            if r.status_code == 200 and r.content != SMALL_DATA:
+                wrong += 1
+
+    try:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            assert (await c.get(f"/{WHICH}")).content == b"own"
+            workers += [asyncio.create_task(load(c)) for _ in range(6)]
+            await asyncio.sleep(0.4)
+            t_kill = time.monotonic()
+            await asyncio.to_thread(own_server.kill)
+            await asyncio.sleep(0.3)
+            assert (await c.get(f"/{WHICH}")).content == b"main"
+            await asyncio.sleep(0.5)
+            await asyncio.to_thread(own_server.start)
+            t_back = time.monotonic()
+            while (await c.get(f"/{WHICH}")).content != b"own":
+                assert time.monotonic() - t_back < 5, "reads never went back to the first server"
+                await asyncio.sleep(0.01)
+            failback = time.monotonic() - t_back
+            await asyncio.sleep(0.3)
+            stop.set()
+            await asyncio.gather(*workers)
+    finally:
+        stop.set()
+        await asyncio.gather(*workers, return_exceptions=True)
+        await app.shutdown()
+    failed = [r for r in results if r[2] != 200]
+    window = max((end - t_kill for _, end, _ in failed), default=0.0)
+    figure(f"{_backend_of(own_server)} failover",
+           f"{len(results)} requests, {len(failed)} failed, window {window * 1000:.1f} ms, "
+           f"back on the first server {failback * 1000:.0f} ms after it listened")
+    assert wrong == 0
+    assert {s for _, _, s in failed} <= {503}
+    assert all(t_kill <= end for _, end, _ in failed)  # none before the crash
+    assert window < 1.0
+    assert len(results) > 100
+
+
+async def test_all_servers_down_fast_503_then_recovery(
+    databases: DatabaseFactory, own_server: Server
+) -> None:
+    """Every server down: 503 with Retry-After at once, no queue; back within a second."""
+    dead = f"127.0.0.1:{free_port()}"
+    app = await _start(await _two_host_site(databases, own_server, second=dead))
+    try:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            assert (await c.get(f"/{SMALL}")).status_code == 200
+            await asyncio.to_thread(own_server.kill)
+            first = await c.get(f"/{SMALL}")  # finds both servers down
+            assert first.status_code == 503
+
+            async def timed() -> tuple[float, httpx.Response]:
+                t0 = time.perf_counter()
+                r = await c.get(f"/{SMALL}")
+                return time.perf_counter() - t0, r
+
+            timings: list[float] = []
+            for _ in range(10):  # 10 bursts of 20 concurrent requests
+                for seconds, r in await asyncio.gather(*(timed() for _ in range(20))):
+                    assert r.status_code == 503
+                    assert r.headers["retry-after"] == "5"
+                    assert r.text == "503 Service Unavailable\n"
+                    timings.append(seconds)
+            health = await c.get("/-/health")
+            assert health.status_code == 503
+
+            await asyncio.to_thread(own_server.start)
+            t_back = time.monotonic()
+            while (await c.get(f"/{SMALL}")).status_code != 200:
+                assert time.monotonic() - t_back < 5, "never recovered"
+                await asyncio.sleep(0.01)
+            recovery = time.monotonic() - t_back
+            assert (await c.get(f"/{SMALL}")).content == SMALL_DATA
+    finally:
+        await app.shutdown()
+    p50, p99 = statistics.median(timings), percentile(timings, 99)
+    figure(f"{_backend_of(own_server)} all down",
+           f"503 p50 {p50 * 1000:.2f} ms, p99 {p99 * 1000:.2f} ms over {len(timings)}; "
+           f"recovered {recovery * 1000:.0f} ms after the server listened")
+    assert p99 < 0.5
+    assert recovery < 2.0
+
+
+async def test_single_host_settings_still_work(databases: DatabaseFactory, backend: str) -> None:
+    """STORAGE_HOST/STORAGE_PORT alone: one server, the same failover bookkeeping."""
+    settings = await databases.settings(backend)
+    b = make_backend(settings)
+    assert isinstance(getattr(b, "failover", None), Failover)
+    await b.connect()
+    try:
+        await b.create_tables()
+        await store(b, SMALL, SMALL_DATA)
+        got = await b.fetch_first(SMALL_HASH)
+        assert got is not None and got[1] == SMALL_DATA
+        assert b.failover.status() == [(f"{settings.host}:{settings.port}", True)]  # type: ignore[attr-defined]
+    finally:
+        await b.close()
+
+
+@pytest.fixture(params=["mysql", "pgsql"])
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+# -- killed connections, on this machine's servers ------------------------------
+class Locker:
+    """Holds a table lock from a connection of its own, finds and kills the blocked query."""
+
+    def __init__(self, backend: str, settings: Settings) -> None:
+        self.backend = backend
+        self.settings = settings
+        self.conn: Any = None
+
+    async def lock(self) -> None:
+        s = self.settings
+        if self.backend == "mysql":
+            import aiomysql
+
+            self.conn = await aiomysql.connect(
+                host=s.host, port=s.port, user=s.user, password=s.password, db=s.database,
+                autocommit=True,
+            )
+            async with self.conn.cursor() as cur:
+                await cur.execute("LOCK TABLES ezdbfile_data WRITE")
+        else:
+            import asyncpg
+
+            self.conn = await asyncpg.connect(
+                host=s.host, port=s.port, user=s.user or None, database=s.database
+            )
+            await self.conn.execute("BEGIN")
+            await self.conn.execute("LOCK TABLE ezdbfile_data IN ACCESS EXCLUSIVE MODE")
+
+    async def blocked(self) -> list[int]:
+        """Ids of the site's connections waiting for the lock."""
+        if self.backend == "mysql":
+            async with self.conn.cursor() as cur:
+                await cur.execute(
+                    "SELECT id FROM information_schema.processlist "
+                    "WHERE db = %s AND id <> CONNECTION_ID() AND state LIKE %s",
+                    (self.settings.database, "%metadata lock%"),
+                )
+                return [r[0] for r in await cur.fetchall()]
+        rows = await self.conn.fetch(
+            "SELECT pid FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid() "
+            "AND wait_event_type = 'Lock'", self.settings.database,
+        )
+        return [r[0] for r in rows]
+
+    async def wait_blocked(self, count: int = 1) -> list[int]:
+        for _ in range(500):
+            ids = await self.blocked()
+            if len(ids) >= count:
+                return ids
+            await asyncio.sleep(0.01)
+        raise AssertionError("no query blocked on the lock")
+
+    async def kill(self, ident: int) -> None:
+        if self.backend == "mysql":
+            async with self.conn.cursor() as cur:
+                await cur.execute(f"KILL CONNECTION {int(ident)}")
+        else:
+            await self.conn.execute("SELECT pg_terminate_backend($1)", ident)
+
+    async def unlock(self) -> None:
+        if self.backend == "mysql":
+            async with self.conn.cursor() as cur:
+                await cur.execute("UNLOCK TABLES")
+            self.conn.close()
+        else:
+            await self.conn.execute("ROLLBACK")
+            await self.conn.close()
+
+
+async def _big_site(databases: DatabaseFactory, backend: str, **extra: Any) -> Settings:
+    settings = await databases.settings(backend, STORAGE_CHUNK_SIZE=65535, **extra)
+    b = make_backend(settings)
+    await b.connect()
+    try:
+        await b.create_tables()
+        await store(b, BIG, BIG_DATA)
+        await store(b, SMALL, SMALL_DATA)
+    finally:
+        await b.close()
+    return settings
+
+
+@pytest.fixture(scope="module")
+async def big_sites(databases: DatabaseFactory) -> dict[str, Settings]:
+    """One database per server with an 8 MiB file, for the tests that do not change it."""
+    return {b: await _big_site(databases, b) for b in ("mysql", "pgsql")}
+
+
+async def test_connection_killed_mid_stream_aborts_that_response(
+    big_sites: dict[str, Settings], backend: str
+) -> None:
+    settings = big_sites[backend]
+    app = await _start(settings)
+    locker = Locker(backend, settings)
+    try:
+        async with uvicorn_server(app) as port:
+            client = await RawClient.get(port, f"/{BIG}")
+            assert client.status == 200
+            assert client.length == BIG_SIZE
+            await client.read(65536)
+            await locker.lock()
+            # Drain what the server already read; its next batch waits on the lock.
+            reader = asyncio.create_task(client.read_all())
+            ids = await locker.wait_blocked()
+            await locker.kill(ids[0])
+            await locker.unlock()
+            await asyncio.wait_for(reader, 10)
+            client.close()
+            # Cut off, never completed with other bytes.
+            assert 0 < len(client.body) < BIG_SIZE
+            assert bytes(client.body) == BIG_DATA[:len(client.body)]
+            # Every other request is still served, whole.
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as c:
+                r = await c.get(f"/{BIG}")
+                assert r.status_code == 200
+                assert r.content == BIG_DATA
+    finally:
+        await app.shutdown()
+
+
+async def test_connection_killed_before_first_byte_is_retried(
+    big_sites: dict[str, Settings], backend: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = big_sites[backend]
+    app = await _start(settings)
+    locker = Locker(backend, settings)
+    try:
+        await locker.lock()
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            request = asyncio.create_task(c.get(f"/{SMALL}"))
+            with caplog.at_level(logging.WARNING, "serve_image.failover"):
+                ids = await locker.wait_blocked()
+                await locker.kill(ids[0])
+                await locker.unlock()
+                r = await asyncio.wait_for(request, 10)
+        assert r.status_code == 200
+        assert r.content == SMALL_DATA
+        assert [rec.message.startswith("query failed") for rec in caplog.records] == [True]
+    finally:
+        await app.shutdown()
+
+
+async def test_pool_exhausted_is_bounded_503(databases: DatabaseFactory, backend: str) -> None:
+    settings = await _big_site(
+        databases, backend, STORAGE_POOL_SIZE=1, STORAGE_ACQUIRE_TIMEOUT=0.3
+    )
+    app = await _start(settings)
+    locker = Locker(backend, settings)
+    try:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            await locker.lock()
+            holder = asyncio.create_task(c.get(f"/{SMALL}"))  # takes the one connection
+            await locker.wait_blocked()
+            t0 = time.monotonic()
+            r = await c.get(f"/{SMALL}")
+            waited = time.monotonic() - t0
+            assert r.status_code == 503
+            assert r.headers["retry-after"] == "5"
+            assert 0.25 < waited < 2.0  # the acquire timeout, then 503
+            # Busy is not down: the server is not put aside.
+            assert app.backend.failover.status()[0][1] is True  # type: ignore[attr-defined]
+            await locker.unlock()
+            held = await asyncio.wait_for(holder, 10)
+            assert held.status_code == 200
+            assert held.content == SMALL_DATA
+    finally:
+        await app.shutdown()
+
+
+async def test_slow_clients_do_not_starve_quick_ones(
+    big_sites: dict[str, Settings], backend: str
+) -> None:
+    """12 slow downloads on a pool of 2: a connection is held per query, never per client."""
+    settings = settings_from_mapping(
+        {"STORAGE_BACKEND": backend, "STORAGE_HOST": big_sites[backend].host,
+         "STORAGE_PORT": big_sites[backend].port, "STORAGE_USER": big_sites[backend].user,
+         "STORAGE_DB": big_sites[backend].database, "STORAGE_POOL_SIZE": 2,
+         "STORAGE_ACQUIRE_TIMEOUT": 0.5},
+        "<slow>",
+    )
+    app = await _start(settings)
+    try:
+        async with uvicorn_server(app) as port:
+            slow = [await RawClient.get(port, f"/{BIG}", rcvbuf=4096) for _ in range(12)]
+            readers = [asyncio.create_task(s.read_all(pause=0.05, step=4096)) for s in slow]
+            statuses = []
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as c:
+                for _ in range(5):
+                    rs = await asyncio.gather(*(c.get(f"/{SMALL}") for _ in range(10)))
+                    statuses += [r.status_code for r in rs]
+                    assert all(r.content == SMALL_DATA for r in rs)
+            assert all(not r.done() for r in readers)  # still downloading
+            for r in readers:
+                r.cancel()
+            for s in slow:
+                s.close()
+        assert statuses == [200] * 50
+    finally:
+        await app.shutdown()
+
+
+@pytest.mark.parametrize("backend_kind", ["sqlite", "mysql", "pgsql"])
+async def test_client_disconnect_stops_reads_and_frees_connections(
+    databases: DatabaseFactory, big_sites: dict[str, Settings], backend_kind: str
+) -> None:
+    if backend_kind == "sqlite":
+        settings = await _big_site(databases, "sqlite")
+    else:
+        settings = big_sites[backend_kind]
+    spy = SpyBackend(make_backend(settings, readonly=True))
+    app = ServeImage(settings, backend=spy)
+    await app.startup()
+    try:
+        async with uvicorn_server(app) as port:
+            client = await RawClient.get(port, f"/{BIG}", rcvbuf=4096)
+            await client.read(100_000)
+            client.close()
+            await asyncio.sleep(0.3)
+            reads = spy.chunk_reads
+            await asyncio.sleep(0.5)
+            assert spy.chunk_reads == reads  # no reads for nobody
+            batches = BIG_SIZE // (4 * 65535) + 1
+            assert reads < batches // 2
+            failover = getattr(spy.inner, "failover", None)
+            if failover is not None:
+                assert [h.pool.in_use() for h in failover.hosts] == [0]
+    finally:
+        await app.shutdown()
+
+
+async def test_sigterm_finishes_download_in_flight_and_closes_pools(
+    big_sites: dict[str, Settings], tmp_path: Path
+) -> None:
+    s = big_sites["mysql"]
+    site = tmp_path / "graceful.py"
+    site.write_text(
+        f'STORAGE_BACKEND = "mysql"\nSTORAGE_HOST = {s.host!r}\nSTORAGE_PORT = {s.port}\n'
+        f'STORAGE_USER = {s.user!r}\nSTORAGE_DB = {s.database!r}\n'
+    )
+    port = free_port()
+    log = tmp_path / "server.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(  # noqa: ASYNC220 - a server for the whole test, not awaited
+            [sys.executable, "-m", "serve_image", "serve", "--site", str(site),
+             "--port", str(port)],
+            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+    try:
+        for _ in range(300):
+            try:
+                async with httpx.AsyncClient() as c:
+                    await c.get(f"http://127.0.0.1:{port}/-/health")
+                break
+            except httpx.TransportError:
+                await asyncio.sleep(0.05)
+        client = await RawClient.get(port, f"/{BIG}", rcvbuf=4096)
+        await client.read(65536)
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.sleep(0.5)
+        # No new connections once shutting down.
+        with pytest.raises(OSError):
+            await asyncio.open_connection("127.0.0.1", port)
+        await asyncio.wait_for(client.read_all(), 20)
+        client.close()
+        assert bytes(client.body) == BIG_DATA
+        code = await asyncio.to_thread(proc.wait, 20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = log.read_text()
+    # uvicorn re-raises the SIGTERM it caught once its shutdown is complete.
+    assert code == -signal.SIGTERM, text
+    assert "Application shutdown complete" in text
+    assert "database pools closed" in text
+
+
+# -- settings -------------------------------------------------------------------------
+def test_storage_hosts_are_parsed_in_order() -> None:
+    s = settings_from_mapping({
+        "STORAGE_BACKEND": "pgsql", "STORAGE_DB": "x",
+        "STORAGE_HOSTS": ["db1", "db2:5433", "[::1]:5434", {"socket": "/run/postgresql"}],
+    }, "sites/a.py")
+    assert [(h.host, h.port, h.socket) for h in s.hosts] == [
+        ("db1", 5432, None), ("db2", 5433, None), ("::1", 5434, None),
+        ("127.0.0.1", 5432, "/run/postgresql"),
+    ]
+    assert s.describe() == "pgsql://@db1:5432,db2:5433,[::1]:5434,/run/postgresql/x"
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    ({"STORAGE_HOSTS": ["db1"], "STORAGE_HOST": "db0"},
+     "sites/a.py: STORAGE_HOSTS and STORAGE_HOST are both set: "
+     "list every server in STORAGE_HOSTS alone"),
+    ({"STORAGE_HOSTS": ["db1"], "STORAGE_PORT": 3306},
+     "sites/a.py: STORAGE_HOSTS and STORAGE_PORT are both set: "
+     "list every server in STORAGE_HOSTS alone"),
+    ({"STORAGE_HOSTS": "db1:3306"},
+     'sites/a.py: STORAGE_HOSTS must be a non-empty list such as ["db1:3306", "db2:3306"]'),
+    ({"STORAGE_HOSTS": []},
+     'sites/a.py: STORAGE_HOSTS must be a non-empty list such as ["db1:3306", "db2:3306"]'),
+    ({"STORAGE_HOSTS": ["db1:70000"]},
+     "sites/a.py: STORAGE_HOSTS port must be from 1 to 65535 in 'db1:70000'"),
+    ({"STORAGE_HOSTS": [{"host": "db1", "pass": "x"}]},
+     "sites/a.py: STORAGE_HOSTS entries may have host, port and socket, not ['pass']"),
+    ({"STORAGE_RETRY_INTERVAL": 0},
+     "sites/a.py: STORAGE_RETRY_INTERVAL must be a number of seconds above 0 and at most 600"),
+    ({"STORAGE_BACKEND": "sqlite", "STORAGE_HOSTS": ["db1"]},
+     "sites/a.py: STORAGE_HOSTS is for the mysql and pgsql backends, not sqlite"),
+])
+def test_storage_hosts_errors_name_file_and_constants(extra: dict[str, Any], message: str) -> None:
+    from serve_image.settings import SiteConfigError
+
+    with pytest.raises(SiteConfigError) as e:
+        settings_from_mapping({"STORAGE_BACKEND": "mysql", "STORAGE_DB": "x", **extra},
+                              "sites/a.py")
+    assert str(e.value) == message

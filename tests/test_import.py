@@ -1,0 +1,327 @@
+"""`serve-image import` and `export` over real SQLite, MariaDB and PostgreSQL.
+
+The acceptance tree (2,000 files with empty ones, odd names and a 20 MiB
+file) runs on every backend; the kill -9 test uses a smaller tree.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import secrets
+import shutil
+import signal
+import subprocess
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+
+from serve_image.backends import make_backend
+from serve_image.cluster import ClusterFiles, SourceChanged, _ChunkReader
+from serve_image.progress import Progress
+from serve_image.transfer import Entry, Importer
+from tests.conftest import DatabaseFactory, _server_constants
+from tests.filetree import (
+    BASE_MTIME,
+    Site,
+    cli_command,
+    digest_tree,
+    make_site,
+    make_tree,
+    run_cli,
+    write,
+)
+
+MiB = 1024 * 1024
+
+
+@pytest.fixture
+async def site(databases: DatabaseFactory, backend_name: str, tmp_path: Path) -> Site:
+    """A database of the test's own with eZ's default chunk size (65535)."""
+    return await make_site(await databases.constants(backend_name), tmp_path)
+
+
+async def rows(site: Site, statement: str, *args: object) -> list[tuple[object, ...]]:
+    backend = make_backend(site.settings)
+    await backend.connect()
+    try:
+        return await backend.query(statement, *args)
+    finally:
+        await backend.close()
+
+
+async def broken_files(site: Site) -> list[str]:
+    backend = make_backend(site.settings)
+    await backend.connect()
+    try:
+        return [f"{f.name}: {f.problem}" async for f in backend.verify()]
+    finally:
+        await backend.close()
+
+
+@pytest.mark.slow
+async def test_import_then_export_gives_identical_bytes_and_mtimes(
+    site: Site, tmp_path: Path
+) -> None:
+    root = tmp_path / "root"
+    sizes = make_tree(root, 2000, big=20 * MiB)
+    assert await run_cli("import", "--site", site.path, root, "--quiet") == 0
+    assert await run_cli("export", "--site", site.path, tmp_path / "out", "--quiet") == 0
+    assert digest_tree(tmp_path / "out") == digest_tree(root)
+    assert len(sizes) == 2000 and max(sizes.values()) == 20 * MiB
+
+
+async def test_import_stores_each_file_once_with_type_scope_and_mtime(
+    site: Site, tmp_path: Path
+) -> None:
+    root = tmp_path / "root"
+    make_tree(root, 30)
+    assert await run_cli("import", "--site", site.path, root, "--quiet") == 0
+    found = await rows(
+        site, "SELECT scope, COUNT(*) FROM ezdbfile WHERE mtime >= ? GROUP BY scope ORDER BY scope",
+        BASE_MTIME,
+    )
+    # 30 files over 6 directories: 5 in each; images, images-versioned and
+    # var/*/storage/images are `image`, original/application `binaryfile`,
+    # original/video `mediafile`.
+    assert [(s, int(n)) for s, n in found] == [("binaryfile", 5), ("image", 20), ("mediafile", 5)]
+    one = await rows(site, "SELECT datatype, size, mtime FROM ezdbfile WHERE name = ?",
+                     "var/site/storage/images/a/b/with space.jpg")
+    size = (root / "var/site/storage/images/a/b/with space.jpg").stat().st_size
+    assert one == [("image/jpeg", size, BASE_MTIME)]
+
+
+async def test_second_import_stores_nothing(
+    site: Site, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = tmp_path / "root"
+    make_tree(root, 40)
+    assert await run_cli("import", "--site", site.path, root, "--quiet") == 0
+    capsys.readouterr()
+    assert await run_cli("import", "--site", site.path, root, "--quiet") == 0
+    assert capsys.readouterr().out.startswith("0 stored (0 B), 40 unchanged, 0 failed in ")
+
+
+async def test_changed_file_is_stored_again_and_force_restores_all(
+    site: Site, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = tmp_path / "root"
+    make_tree(root, 12)
+    assert await run_cli("import", "--site", site.path, root, "--quiet") == 0
+    write(root / "var/site/storage/images/a/b/with space.jpg", b"new bytes", BASE_MTIME + 999)
+    capsys.readouterr()
+    assert await run_cli("import", "--site", site.path, root, "--quiet") == 0
+    assert capsys.readouterr().out.startswith("1 stored (9 B), 11 unchanged, 0 failed")
+    assert await run_cli("import", "--site", site.path, root, "--quiet", "--force") == 0
+    assert capsys.readouterr().out.startswith("12 stored")
+
+
+async def test_dry_run_writes_nothing(
+    site: Site, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = tmp_path / "root"
+    make_tree(root, 20)
+    assert await run_cli("import", "--site", site.path, root, "--quiet", "--dry-run") == 0
+    assert capsys.readouterr().out.startswith("20 would be stored")
+    (count,), = await rows(site, "SELECT COUNT(*) FROM ezdbfile")
+    assert int(count) == 0
+
+
+async def test_remove_deletes_local_copies_only_after_they_are_stored(
+    site: Site, tmp_path: Path
+) -> None:
+    root = tmp_path / "root"
+    before = make_tree(root, 15)
+    assert await run_cli("import", "--site", site.path, root, "--quiet", "--remove") == 0
+    assert [p for p in (root / "var").rglob("*") if p.is_file()] == []
+    stored = await rows(site, "SELECT name, size FROM ezdbfile")
+    assert {str(n): int(s) for n, s in stored} == before
+
+
+@pytest.mark.slow
+async def test_import_killed_at_a_random_point_then_run_again_is_complete(
+    site: Site, tmp_path: Path
+) -> None:
+    root = tmp_path / "root"
+    make_tree(root, 400)
+    for i in range(6):  # make the run last long enough to be killed mid-way
+        write(root / f"var/site/storage/original/video/big {i}.mp4",
+              random.Random(i).randbytes(2 * MiB), BASE_MTIME - i)
+    command = cli_command("import", "--site", site.path, root, "--quiet", "--jobs", "2")
+    proc = subprocess.Popen(  # noqa: ASYNC220 - killed below, waited for in finally
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    target = random.Random().randrange(1, 300)
+    try:
+        for _ in range(3000):
+            (n,), = await rows(site, "SELECT COUNT(*) FROM ezdbfile")
+            if int(n) >= target or proc.poll() is not None:
+                break
+            await asyncio.sleep(0.005)
+        assert proc.poll() is None, "the import finished before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    again = await asyncio.to_thread(subprocess.run, command, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    assert await run_cli("export", "--site", site.path, tmp_path / "out", "--quiet") == 0
+    assert digest_tree(tmp_path / "out") == digest_tree(root)
+    (count, distinct), = await rows(site, "SELECT COUNT(*), COUNT(DISTINCT name) FROM ezdbfile")
+    assert (int(count), int(distinct)) == (406, 406)
+    assert await broken_files(site) == []
+
+
+@pytest.mark.parametrize("backend_name", ["sqlite"])
+async def test_non_utf8_name_is_reported_and_the_run_goes_on(
+    site: Site, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = tmp_path / "root"
+    make_tree(root, 5)
+    bad = os.fsencode(root / "var/site/storage/images/a/b") + b"/bad\xff.jpg"
+    with open(bad, "wb") as f:  # noqa: ASYNC230 - test set-up
+        f.write(b"x")
+    assert await run_cli("import", "--site", site.path, root, "--quiet") == 1
+    out = capsys.readouterr()
+    assert out.out.startswith("5 stored")
+    assert ", 1 failed" in out.out
+    assert out.err == (
+        f"serve-image: {root}/var/site/storage/images/a/b/bad\\xff.jpg: "
+        "name is not valid UTF-8: not stored\n"
+    )
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"),
+                    reason="needs root and setpriv to drop the right to read any file")
+@pytest.mark.parametrize("backend_name", ["sqlite"])
+async def test_unreadable_file_is_reported_and_the_run_goes_on(site: Site, tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    make_tree(root, 4)
+    secret = root / "var/site/storage/images/a/b/secret.jpg"
+    write(secret, b"no", BASE_MTIME)
+    secret.chmod(0)
+    # root reads any file: the import runs without CAP_DAC_OVERRIDE and
+    # CAP_DAC_READ_SEARCH, so a mode 000 file is unreadable to it too.
+    drop = "-dac_override,-dac_read_search"
+    done = await asyncio.to_thread(
+        subprocess.run,
+        ["setpriv", f"--inh-caps={drop}", f"--bounding-set={drop}", "--",
+         *cli_command("import", "--site", site.path, root, "--quiet")],
+        capture_output=True, text=True,
+    )
+    assert done.returncode == 1
+    assert done.stderr == f"serve-image: {secret}: cannot read: Permission denied\n"
+    assert done.stdout.startswith("4 stored")
+
+
+class RecordingProgress(Progress):
+    def __init__(self) -> None:
+        super().__init__("import", enabled=False)
+        self.messages: list[str] = []
+
+    def problem(self, message: str) -> None:
+        self.messages.append(message)
+
+
+async def test_file_vanishing_before_it_is_read_is_reported(
+    site: Site, tmp_path: Path
+) -> None:
+    path = tmp_path / "gone.jpg"
+    write(path, b"data", BASE_MTIME)
+    entry = Entry(str(path), "var/site/storage/images/gone.jpg", 4, BASE_MTIME)
+    path.unlink()
+    progress = RecordingProgress()
+    backend = make_backend(site.settings)
+    await backend.connect()
+    try:
+        importer = Importer(ClusterFiles(backend), progress)
+        await importer.import_one(entry, None)
+    finally:
+        await backend.close()
+    assert (importer.tally.failed, importer.tally.stored) == (1, 0)
+    assert progress.messages == [f"serve-image: {path}: vanished before it could be read"]
+
+
+def test_file_shrinking_while_read_raises_source_changed(tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    path.write_bytes(b"x" * 5000)
+    with open(path, "rb", buffering=0) as f:  # unbuffered: every read reaches the file
+        reader = _ChunkReader(f, 5000, 1000, f.read(100))
+        chunks = iter(reader)
+        assert len(next(chunks)) == 1000
+        os.truncate(path, 1500)
+        with pytest.raises(SourceChanged, match=r"^file shrank while being read$"):
+            next(chunks)
+
+
+async def _mysql_admin(sql: str, *args: object) -> list[tuple[object, ...]]:
+    import aiomysql
+
+    c = _server_constants("mysql")
+    conn = await aiomysql.connect(host=c["STORAGE_HOST"], port=c["STORAGE_PORT"],
+                                  user=c["STORAGE_USER"], password=c["STORAGE_PASS"],
+                                  connect_timeout=5, autocommit=True)
+    try:
+        async with conn.cursor() as cur:
+            await cur.execute(sql, args or None)
+            return list(await cur.fetchall())
+    finally:
+        conn.close()
+
+
+@asynccontextmanager
+async def mysql_account(database: str) -> AsyncIterator[tuple[str, str]]:
+    """A MariaDB account of the test's own on `database`: (user, password)."""
+    user, password = f"si_{os.getpid()}_{secrets.token_hex(3)}", secrets.token_hex(8)
+    await _mysql_admin(f"CREATE USER '{user}'@'%' IDENTIFIED BY '{password}'")
+    try:
+        await _mysql_admin(f"GRANT ALL ON `{database}`.* TO '{user}'@'%'")
+        yield user, password
+    finally:
+        await _mysql_admin(f"DROP USER IF EXISTS '{user}'@'%'")
+
+
+async def mysql_outage(user: str) -> None:
+    """MariaDB refuses the account (ACCOUNT LOCK) and its sessions are killed."""
+    await _mysql_admin(f"ALTER USER '{user}'@'%' ACCOUNT LOCK")
+    for (pid,) in await _mysql_admin(
+            "SELECT id FROM information_schema.processlist WHERE user = %s", user):
+        with contextlib.suppress(Exception):  # it may have ended by itself meanwhile
+            await _mysql_admin(f"KILL CONNECTION {int(str(pid))}")
+
+
+@pytest.mark.parametrize("backend_name", ["mysql"])
+async def test_database_lost_mid_import_ends_the_run_with_one_line(
+    databases: DatabaseFactory, backend_name: str, tmp_path: Path
+) -> None:
+    constants = await databases.constants(backend_name)
+    async with mysql_account(constants["STORAGE_DB"]) as (user, password):
+        site = await make_site({**constants, "STORAGE_USER": user, "STORAGE_PASS": password},
+                               tmp_path)
+        root = tmp_path / "root"
+        make_tree(root, 1500)
+        command = cli_command("import", "--site", site.path, root, "--quiet")
+        proc = subprocess.Popen(  # noqa: ASYNC220 - waited for below
+            command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            for _ in range(3000):
+                (n,), = await rows(site, "SELECT COUNT(*) FROM ezdbfile")
+                if int(n) >= 50 or proc.poll() is not None:
+                    break
+                await asyncio.sleep(0.005)
+            await mysql_outage(user)
+            out, err = await asyncio.to_thread(proc.communicate, timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert proc.returncode == 1
+    # Warnings logged on the way, then one error line; never a traceback.
+    lines = err.splitlines()
+    assert lines[-1].startswith("serve-image: error: database unavailable: ")
+    assert all(line.startswith("WARNING: ") for line in lines[:-1]), err
+    assert password not in err
+    assert out == ""

@@ -1,0 +1,102 @@
+"""STORAGE_DRIVER = "asyncmy": the same reads, writes and failures as with aiomysql."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+
+from serve_image.app import ServeImage
+from serve_image.backends import Backend, make_backend
+from serve_image.settings import Settings, SiteConfigError, settings_from_mapping
+from tests.conftest import DatabaseFactory
+from tests.helpers import IMG, free_port, payload, store
+
+pytestmark = pytest.mark.mysql
+
+
+@pytest.fixture
+async def asyncmy_site(databases: DatabaseFactory) -> AsyncIterator[tuple[Settings, Backend]]:
+    settings = await databases.settings("mysql", STORAGE_DRIVER="asyncmy", STORAGE_CHUNK_SIZE=1000)
+    writer = make_backend(settings)
+    await writer.connect()
+    await writer.create_tables()
+    yield settings, writer
+    await writer.close()
+
+
+@pytest.fixture
+async def client(asyncmy_site: tuple[Settings, Backend]) -> AsyncIterator[httpx.AsyncClient]:
+    app = ServeImage(asyncmy_site[0])
+    await app.startup()
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+        yield c
+    await app.shutdown()
+
+
+async def test_files_of_one_and_of_many_chunks_are_served_whole(
+    asyncmy_site: tuple[Settings, Backend], client: httpx.AsyncClient
+) -> None:
+    writer = asyncmy_site[1]
+    small, large = payload(700, seed=1), payload(5500, seed=2)
+    await store(writer, f"{IMG}/small.jpg", small)
+    await store(writer, f"{IMG}/large.jpg", large)
+    r1 = await client.get(f"/{IMG}/small.jpg")
+    r2 = await client.get(f"/{IMG}/large.jpg")
+    assert (r1.status_code, r1.content) == (200, small)
+    assert (r2.status_code, r2.content, r2.headers["content-length"]) == (200, large, "5500")
+
+
+async def test_a_range_reads_only_its_bytes(
+    asyncmy_site: tuple[Settings, Backend], client: httpx.AsyncClient
+) -> None:
+    data = payload(5500, seed=3)
+    await store(asyncmy_site[1], f"{IMG}/r.jpg", data)
+    r = await client.get(f"/{IMG}/r.jpg", headers={"range": "bytes=1500-2600"})
+    assert r.status_code == 206
+    assert r.headers["content-range"] == "bytes 1500-2600/5500"
+    assert r.content == data[1500:2601]
+
+
+async def test_missing_file_is_404(client: httpx.AsyncClient) -> None:
+    assert (await client.get(f"/{IMG}/none.jpg")).status_code == 404
+
+
+async def test_unreachable_server_is_a_fast_503() -> None:
+    settings = settings_from_mapping(
+        {"STORAGE_BACKEND": "mysql", "STORAGE_DRIVER": "asyncmy", "STORAGE_PORT": free_port(),
+         "STORAGE_DB": "x", "STORAGE_CONNECT_TIMEOUT": 1},
+        "<test>", "test",
+    )
+    app = ServeImage(settings)
+    await app.startup()
+    try:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            r = await c.get(f"/{IMG}/a.jpg")
+        assert r.status_code == 503
+        assert r.headers["retry-after"] == "5"
+    finally:
+        await app.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"STORAGE_BACKEND": "pgsql", "STORAGE_DRIVER": "asyncmy"},
+         "sites/x.py: STORAGE_DRIVER is for STORAGE_BACKEND 'mysql', not 'pgsql'"),
+        ({"STORAGE_BACKEND": "mysql", "STORAGE_DRIVER": "mysqlclient"},
+         "sites/x.py: STORAGE_DRIVER must be one of 'aiomysql', 'asyncmy', not 'mysqlclient'"),
+    ],
+)
+def test_driver_setting_is_checked(values: dict[str, object], message: str) -> None:
+    with pytest.raises(SiteConfigError) as e:
+        settings_from_mapping({**values, "STORAGE_DB": "x"}, "sites/x.py")
+    assert str(e.value) == message
+
+
+def test_driver_defaults_to_aiomysql() -> None:
+    s = settings_from_mapping({"STORAGE_BACKEND": "mysql", "STORAGE_DB": "x"}, "sites/x.py")
+    assert s.driver == "aiomysql"

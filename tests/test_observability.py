@@ -1,0 +1,230 @@
+"""Access log lines and Prometheus metrics: off by default, exact when on."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from serve_image.app import ServeImage
+from serve_image.backends import Backend
+from serve_image.settings import Settings, settings_from_mapping
+from tests.helpers import IMG, free_port, payload, store
+from tests.live import call
+
+DATA = payload(2500, seed=3)
+A = f"/{IMG}/a.jpg"
+
+
+@pytest.fixture
+async def observed(settings: Settings, writer: Backend, request: pytest.FixtureRequest
+                   ) -> AsyncIterator[tuple[ServeImage, httpx.AsyncClient]]:
+    await store(writer, A[1:], DATA)
+    changes = getattr(request, "param", {})
+    app = ServeImage(dataclasses.replace(settings, **changes))
+    await app.startup()
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+        yield app, c
+    await app.shutdown()
+
+
+def access_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "serve_image.access"]
+
+
+async def test_off_by_default_nothing_wraps_a_request(
+    observed: tuple[ServeImage, httpx.AsyncClient], caplog: pytest.LogCaptureFixture
+) -> None:
+    app, c = observed
+    assert app.observer is None
+    assert getattr(app.backend, "failover", None) is None or app.backend.failover.observer is None  # type: ignore[attr-defined]
+    with caplog.at_level(logging.DEBUG):
+        assert (await c.get(A)).status_code == 200
+    assert access_lines(caplog) == []
+    assert (await c.get("/-/metrics")).status_code == 404
+
+
+@pytest.mark.parametrize("observed", [{"access_log": "json"}], indirect=True)
+async def test_json_access_log_one_line_per_request(
+    observed: tuple[ServeImage, httpx.AsyncClient], caplog: pytest.LogCaptureFixture,
+    settings: Settings,
+) -> None:
+    _, c = observed
+    with caplog.at_level(logging.INFO, "serve_image.access"):
+        await c.get(A)
+        await c.get(A, headers={"range": "bytes=0-9"})
+        await c.get(f"/{IMG}/missing.jpg")
+        await c.head(A)
+    lines = [json.loads(line) for line in access_lines(caplog)]
+    assert [(x["method"], x["path"], x["status"], x["bytes"]) for x in lines] == [
+        ("GET", A, 200, len(DATA)), ("GET", A, 206, 10),
+        ("GET", f"/{IMG}/missing.jpg", 404, len(b"404 Not Found\n")), ("HEAD", A, 200, 0),
+    ]
+    host = None if settings.backend == "sqlite" else f"{settings.host}:{settings.port}"
+    assert {x["db_host"] for x in lines} == {host}
+    assert {x["backend"] for x in lines} == {settings.backend}
+    assert all(x["complete"] is True and x["duration_ms"] >= 0 for x in lines)
+
+
+@pytest.mark.parametrize("observed", [{"access_log": "text"}], indirect=True)
+async def test_text_access_log_stays_one_line_whatever_the_path(
+    observed: tuple[ServeImage, httpx.AsyncClient], caplog: pytest.LogCaptureFixture
+) -> None:
+    app, _ = observed
+    raw = b"/var/site/storage/images/\x1b[31m\r\nforged 200 line"
+    with caplog.at_level(logging.INFO, "serve_image.access"):
+        await call(app, raw)
+    [line] = access_lines(caplog)
+    assert line.startswith("GET /var/site/storage/images/\\x1b[31m\\x0d\\x0aforged\\x20200")
+    assert "\n" not in line and "\r" not in line and "\x1b" not in line
+    assert " 400 16 " in line  # "400 Bad Request\n"
+
+
+@pytest.mark.parametrize("observed", [{"access_log": "json"}], indirect=True)
+async def test_access_log_marks_a_cut_off_response(
+    observed: tuple[ServeImage, httpx.AsyncClient], caplog: pytest.LogCaptureFixture,
+    writer: Backend,
+) -> None:
+    app, _ = observed
+    big = payload(5000, seed=4)
+    await store(writer, f"{IMG}/broken.jpg", big)
+    await writer.execute('DELETE FROM ezdbfile_data WHERE "offset" > 0')
+    with caplog.at_level(logging.INFO, "serve_image.access"):
+        status, _, body, messages = await call(app, f"/{IMG}/broken.jpg".encode())
+    assert (status, len(body)) == (200, 1000)
+    assert messages[-1]["more_body"] is True  # never finished: the server cuts the connection
+    [entry] = [json.loads(line) for line in access_lines(caplog)]
+    assert (entry["status"], entry["bytes"], entry["complete"]) == (200, 1000, False)
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+@pytest.mark.parametrize("observed", [{"metrics_path": "/-/metrics"}], indirect=True)
+async def test_metrics_count_requests_bytes_latency_and_queries(
+    observed: tuple[ServeImage, httpx.AsyncClient], settings: Settings
+) -> None:
+    _, c = observed
+    for headers in ({}, {}, {"range": "bytes=0-99"}):
+        await c.get(A, headers=headers)
+    await c.get(f"/{IMG}/missing.jpg")
+    r = await c.get("/-/metrics")
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("text/plain; version=")
+    m = samples(r.text)
+    assert m[("serve_image_requests_total", (("status", "200"),))] == 2
+    assert m[("serve_image_requests_total", (("status", "206"),))] == 1
+    assert m[("serve_image_requests_total", (("status", "404"),))] == 1
+    assert m[("serve_image_response_bytes_total", ())] == 2 * len(DATA) + 100 + 14
+    assert m[("serve_image_request_duration_seconds_count", ())] == 4
+    if settings.backend != "sqlite":
+        host = (("host", f"{settings.host}:{settings.port}"),)
+        # start-up ping; each GET of 2500 bytes in 1000-byte chunks: the row
+        # with its first chunk, then the rest; the range: row, then chunk; the 404: 1.
+        assert m[("serve_image_db_query_duration_seconds_count", host)] == 8
+        assert m[("serve_image_db_connections_in_use", host)] == 0
+        assert m[("serve_image_db_connections_waiting", host)] == 0
+        assert m[("serve_image_db_host_up", host)] == 1
+
+
+@pytest.mark.parametrize("backend_name", ["mysql", "pgsql"])
+async def test_metrics_show_a_server_put_aside(settings: Settings, writer: Backend) -> None:
+    await store(writer, A[1:], DATA)
+    dead = f"127.0.0.1:{free_port()}"
+    live = f"{settings.host}:{settings.port}"
+    two = settings_from_mapping(
+        {"STORAGE_BACKEND": settings.backend, "STORAGE_USER": settings.user,
+         "STORAGE_DB": settings.database, "STORAGE_HOSTS": [dead, live],
+         "METRICS_PATH": "/-/metrics", "STORAGE_RETRY_INTERVAL": 60},
+        "<two>",
+    )
+    app = ServeImage(two)
+    await app.startup()
+    try:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            r = await c.get(A)
+            assert (r.status_code, r.content) == (200, DATA)
+            m = samples((await c.get("/-/metrics")).text)
+    finally:
+        await app.shutdown()
+    assert m[("serve_image_db_host_up", (("host", dead),))] == 0
+    assert m[("serve_image_db_host_up", (("host", live),))] == 1
+
+
+async def test_metrics_add_up_over_several_workers(tmp_path: Path) -> None:
+    """Two uvicorn worker processes; every scrape, whichever worker answers, shows all."""
+    from serve_image.backends import make_backend
+
+    db = tmp_path / "w.sqlite"
+    site = tmp_path / "workers.py"
+    site.write_text(f'STORAGE_DB = {str(db)!r}\nMETRICS_PATH = "/-/metrics"\n')
+    b = make_backend(settings_from_mapping({"STORAGE_DB": str(db)}, "<w>"))
+    await b.connect()
+    await b.create_tables()
+    await store(b, A[1:], DATA)
+    await b.close()
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    with (tmp_path / "log").open("wb") as log:
+        proc = subprocess.Popen(  # noqa: ASYNC220 - the server for the whole test
+            [sys.executable, "-m", "serve_image", "serve", "--site", str(site),
+             "--port", str(port), "--workers", "2"],
+            stdout=log, stderr=subprocess.STDOUT, env=env,
+        )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        for _ in range(300):
+            try:
+                async with httpx.AsyncClient() as c:
+                    await c.get(f"{base}/-/health")
+                break
+            except httpx.TransportError:
+                await asyncio.sleep(0.05)
+        for _ in range(20):  # a new connection each time: both workers answer some
+            async with httpx.AsyncClient() as c:
+                assert (await c.get(f"{base}{A}")).status_code == 200
+        totals = []
+        for _ in range(4):
+            async with httpx.AsyncClient() as c:
+                m = samples((await c.get(f"{base}/-/metrics")).text)
+            totals.append(m[("serve_image_requests_total", (("status", "200"),))])
+    finally:
+        proc.terminate()
+        await asyncio.to_thread(proc.wait, 20)
+    # 20 files and the health checks' 200s, and the scrapes before each one.
+    health = sum(1 for line in (tmp_path / "log").read_text().splitlines()
+                 if "/-/health" in line and " 200 " in line)
+    assert totals == [20 + health + i for i in range(4)]
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    ({"ACCESS_LOG": "xml"}, "sites/a.py: ACCESS_LOG must be None, \"text\" or \"json\", not 'xml'"),
+    ({"METRICS_PATH": "/var/site/storage/images/m"},
+     "sites/a.py: METRICS_PATH must be None or a path under /-/ such as \"/-/metrics\", "
+     "not '/var/site/storage/images/m'"),
+    ({"METRICS_PATH": "/-/health"},
+     "sites/a.py: METRICS_PATH must not be /-/health, the health check's path"),
+])
+def test_observability_settings_errors(extra: dict[str, object], message: str) -> None:
+    from serve_image.settings import SiteConfigError
+
+    with pytest.raises(SiteConfigError) as e:
+        settings_from_mapping({"STORAGE_DB": ":memory:", **extra}, "sites/a.py")
+    assert str(e.value) == message
