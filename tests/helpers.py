@@ -29,7 +29,8 @@ async def store(
     backend: Backend, name: str, data: bytes, *, chunk: int | None = None,
     chunks: Sequence[bytes] | None = None, datatype: str = "image/jpeg", mtime: int = 1_700_000_000,
 ) -> None:
-    parts = list(chunks) if chunks is not None else split(data, chunk or backend.settings.chunk_size)
+    size = chunk or backend.settings.chunk_size
+    parts = list(chunks) if chunks is not None else split(data, size)
     await backend.store(name, parts, size=len(data), mtime=mtime, datatype=datatype, scope="image")
 
 

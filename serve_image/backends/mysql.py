@@ -169,8 +169,17 @@ class MySQLBackend(Backend):
 
     async def create_tables(self) -> None:
         async with self._cursor("create_tables") as cur:
-            for stmt in DDL:
-                await cur.execute(stmt)
+            # Only the missing ones: CREATE TABLE IF NOT EXISTS on an existing
+            # table makes MariaDB send a note that aiomysql raises as a warning
+            # on every `init-db` against an existing eZ cluster.
+            await cur.execute(
+                "SELECT LOWER(table_name) FROM information_schema.tables "
+                "WHERE table_schema = DATABASE()"
+            )
+            existing = {row[0] for row in await cur.fetchall()}
+            for table, stmt in zip(("ezdbfile", "ezdbfile_data"), DDL, strict=True):
+                if table not in existing:
+                    await cur.execute(stmt)
 
     async def store(
         self, name: str, chunks: Iterable[bytes], *, size: int, mtime: int,

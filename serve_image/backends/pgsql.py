@@ -44,7 +44,13 @@ META = sql.to_pgsql(sql.META)
 FIRST = sql.to_pgsql(sql.FIRST)
 CHUNKS = sql.to_pgsql(sql.CHUNKS)
 logger = logging.getLogger("serve_image.backend")
-_DRIVER_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+# InternalClientError: an idle pooled connection whose server was terminated
+# can be handed out before asyncpg notices it is gone ("cannot switch to
+# state 15; another operation (2) is in progress"): a broken connection too.
+_DRIVER_ERRORS = (
+    asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError, OSError,
+    TimeoutError,
+)
 
 
 class _HostPool(HostPool[asyncpg.Connection]):
