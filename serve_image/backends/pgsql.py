@@ -53,6 +53,17 @@ _DRIVER_ERRORS = (
 )
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Skip asyncpg's reset query on every release to the pool.
+
+    By default asyncpg sends `SELECT pg_advisory_unlock_all(); CLOSE ALL;
+    UNLISTEN *; RESET ALL` each time a connection goes back to the pool: a
+    second round trip for every query. serve-image never sets session state
+    (no SET, LISTEN, advisory locks or cursors outside a transaction), and
+    asyncpg still rolls back a transaction left open before calling this.
+    """
+
+
 class _HostPool(HostPool[asyncpg.Connection]):
     """An asyncpg pool to one server of STORAGE_HOSTS.
 
@@ -76,7 +87,7 @@ class _HostPool(HostPool[asyncpg.Connection]):
             host=a.socket or a.host, port=a.port, user=s.user or None,
             password=s.password or None, database=s.database, min_size=0,
             max_size=s.pool_size, timeout=s.connect_timeout,
-            max_inactive_connection_lifetime=300.0,
+            max_inactive_connection_lifetime=300.0, reset=_keep_session,
         )
 
     async def acquire(self, wait: float) -> asyncpg.Connection:
