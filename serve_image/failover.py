@@ -183,8 +183,13 @@ class Failover(Generic[C]):
         raise DatabaseUnavailable(self._message(f"{doing}: no server could be reached"))
 
     @asynccontextmanager
-    async def connection(self, doing: str) -> AsyncIterator[C]:
-        """A pooled connection to the first server up; QueryFailed if the body's query fails."""
+    async def connection(self, doing: str, *, bounded: bool = False) -> AsyncIterator[C]:
+        """A pooled connection to the first server up; QueryFailed if the body's query fails.
+
+        `bounded`: the body must finish within STORAGE_QUERY_TIMEOUT (the
+        endpoint's reads), else its connection is dropped and QueryFailed
+        raised. Writes are not bounded: storing a large file may take long.
+        """
         if self._closed:
             raise DatabaseUnavailable(self._message("not connected"))
         host, conn = await self._acquire(doing)
@@ -195,7 +200,15 @@ class Failover(Generic[C]):
         started = time.perf_counter() if observer is not None else 0.0
         broken = False
         try:
-            yield conn
+            if bounded:
+                # A server gone silent (no reset ever comes) or a lock held for
+                # ever must not hold a request: the read is given up, its
+                # connection dropped (the timeout is a TimeoutError, a driver
+                # error of every backend), and the request gets its 503.
+                async with asyncio.timeout(self.settings.query_timeout):
+                    yield conn
+            else:
+                yield conn
         except self.driver_errors as e:
             broken = True
             message = self._message(f"{host.label}: {doing}: {type(e).__name__}: {e}")
@@ -217,10 +230,10 @@ class Failover(Generic[C]):
         Only for reads made before any byte of the response is sent.
         """
         try:
-            async with self.connection(doing) as conn:
+            async with self.connection(doing, bounded=True) as conn:
                 return await query(conn)
         except QueryFailed:
-            async with self.connection(doing) as conn:
+            async with self.connection(doing, bounded=True) as conn:
                 return await query(conn)
 
     # -- health -------------------------------------------------------------

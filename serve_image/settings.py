@@ -75,6 +75,7 @@ class Settings:
     pool_size: int
     connect_timeout: float
     acquire_timeout: float
+    query_timeout: float
     retry_interval: float
     access_log: str | None
     metrics_path: str | None
@@ -242,6 +243,7 @@ _CONSTANTS: dict[str, tuple[Callable[[Any], Any], Any]] = {
     "STORAGE_POOL_SIZE": (_int_range(1, 1000), 10),
     "STORAGE_CONNECT_TIMEOUT": (_seconds, 2.0),
     "STORAGE_ACQUIRE_TIMEOUT": (_seconds, 1.0),
+    "STORAGE_QUERY_TIMEOUT": (_seconds, 10.0),
     "EXPIRY_TIMEOUT": (_int_range(0, 10 * 365 * 86400), 6000),
     "ACCESS_LOG": (_access_log, None),
     "METRICS_PATH": (_metrics_path, None),
@@ -341,6 +343,7 @@ def settings_from_mapping(values: Mapping[str, Any], source: str, name: str = ""
         pool_size=out["STORAGE_POOL_SIZE"],
         connect_timeout=out["STORAGE_CONNECT_TIMEOUT"],
         acquire_timeout=out["STORAGE_ACQUIRE_TIMEOUT"],
+        query_timeout=out["STORAGE_QUERY_TIMEOUT"],
         retry_interval=out["STORAGE_RETRY_INTERVAL"],
         access_log=out["ACCESS_LOG"],
         metrics_path=out["METRICS_PATH"],

@@ -420,6 +420,33 @@ async def test_pool_exhausted_is_bounded_503(databases: DatabaseFactory, backend
         await app.shutdown()
 
 
+async def test_read_that_never_answers_is_a_bounded_503(
+    databases: DatabaseFactory, backend: str
+) -> None:
+    """STORAGE_QUERY_TIMEOUT: a read stuck on the server (here a lock) never holds the request."""
+    settings = await _big_site(databases, backend, STORAGE_QUERY_TIMEOUT=0.3)
+    app = await _start(settings)
+    locker = Locker(backend, settings)
+    try:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            await locker.lock()
+            t0 = time.monotonic()
+            r = await c.get(f"/{SMALL}")
+            waited = time.monotonic() - t0
+            assert r.status_code == 503
+            assert r.headers["retry-after"] == "5"
+            # The timeout twice (the read is tried once more), never the lock's length.
+            assert 0.5 < waited < 3.0
+            # A stuck query is not a server down: it is not put aside.
+            assert app.backend.failover.status()[0][1] is True  # type: ignore[attr-defined]
+            await locker.unlock()
+            r = await c.get(f"/{SMALL}")
+            assert (r.status_code, r.content) == (200, SMALL_DATA)
+    finally:
+        await app.shutdown()
+
+
 async def test_slow_clients_do_not_starve_quick_ones(
     big_sites: dict[str, Settings], backend: str
 ) -> None:

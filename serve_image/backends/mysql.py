@@ -137,8 +137,8 @@ class MySQLBackend(Backend):
         await self.failover.close()
 
     @asynccontextmanager
-    async def _cursor(self, doing: str) -> AsyncIterator[aiomysql.Cursor]:
-        async with self.failover.connection(doing) as conn, conn.cursor() as cur:
+    async def _cursor(self, doing: str, *, bounded: bool = False) -> AsyncIterator[aiomysql.Cursor]:
+        async with self.failover.connection(doing, bounded=bounded) as conn, conn.cursor() as cur:
             yield cur
 
     async def _fetchone(self, doing: str, statement: str, args: tuple[Any, ...]) -> Any:
@@ -162,7 +162,7 @@ class MySQLBackend(Backend):
 
     async def fetch_chunks(self, meta: FileMeta, start: int, end: int, limit: int) -> list[Chunk]:
         args = sql.chunk_args(meta.mtime, meta.size, meta.name_hash, start, end, limit)
-        async with self._cursor("fetch_chunks") as cur:
+        async with self._cursor("fetch_chunks", bounded=True) as cur:
             await cur.execute(CHUNKS, args)
             rows = await cur.fetchall()
         return [Chunk(o, d) for o, d in rows]

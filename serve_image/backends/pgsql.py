@@ -144,8 +144,10 @@ class PostgresBackend(Backend):
     async def close(self) -> None:
         await self.failover.close()
 
-    def _conn(self, doing: str) -> AbstractAsyncContextManager[asyncpg.Connection]:
-        return self.failover.connection(doing)
+    def _conn(
+        self, doing: str, *, bounded: bool = False
+    ) -> AbstractAsyncContextManager[asyncpg.Connection]:
+        return self.failover.connection(doing, bounded=bounded)
 
     async def fetch_meta(self, name_hash: str) -> FileMeta | None:
         # Before any byte is sent: a killed connection is worth one more try.
@@ -160,7 +162,7 @@ class PostgresBackend(Backend):
 
     async def fetch_chunks(self, meta: FileMeta, start: int, end: int, limit: int) -> list[Chunk]:
         args = sql.chunk_args(meta.mtime, meta.size, meta.name_hash, start, end, limit)
-        async with self._conn("fetch_chunks") as conn:
+        async with self._conn("fetch_chunks", bounded=True) as conn:
             rows = await conn.fetch(CHUNKS, *args)
         return [Chunk(o, d) for o, d in rows]
 

@@ -63,12 +63,12 @@ class PostgresLargeObjectBackend(PostgresBackend):
     """eZ 3.8's `ezdbfile.lob_id` layout, behind the same interface as the chunk tables."""
 
     async def fetch_meta(self, name_hash: str) -> FileMeta | None:
-        async with self._conn("fetch_meta") as conn:
+        async with self._conn("fetch_meta", bounded=True) as conn:
             row = await conn.fetchrow(META, name_hash)
         return None if row is None else FileMeta(name_hash, row[0], row[1], row[2], False)
 
     async def fetch_first(self, name_hash: str) -> tuple[FileMeta, bytes | None] | None:
-        async with self._conn("fetch_first") as conn:
+        async with self._conn("fetch_first", bounded=True) as conn:
             try:
                 row = await conn.fetchrow(FIRST, name_hash, self.settings.chunk_size)
             except asyncpg.UndefinedObjectError:
@@ -84,7 +84,7 @@ class PostgresLargeObjectBackend(PostgresBackend):
     async def fetch_chunks(self, meta: FileMeta, start: int, end: int, limit: int) -> list[Chunk]:
         piece = self.settings.chunk_size
         last = min(end, start + (max(1, limit) - 1) * piece)
-        async with self._conn("fetch_chunks") as conn:
+        async with self._conn("fetch_chunks", bounded=True) as conn:
             try:
                 rows = await conn.fetch(
                     CHUNKS, meta.name_hash, meta.mtime, meta.size, start, piece, end + 1, last
