@@ -16,8 +16,10 @@ cannot answer.
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import os
+import stat
 import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -38,6 +40,22 @@ __all__ = [
 # Bytes of chunks fetched per query when reading a file back.
 READ_BATCH_BYTES = 256 * 1024
 
+
+
+def _open_regular(path: str | bytes | os.PathLike[str]) -> BinaryIO:
+    """Open a regular file for reading, never through a symbolic link.
+
+    The file may have been swapped for a link since it was listed; a link
+    could publish any file of the machine. O_NONBLOCK: a fifo must not block.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 class SourceChanged(Exception):
     """A local file changed size or vanished while it was being stored; nothing was stored."""
@@ -131,7 +149,7 @@ class ClusterFiles:
         # Opened off the event loop (a network file system can take its
         # time); the chunks are read by the backend's store, in its thread
         # for SQLite.
-        f = await asyncio.to_thread(open, path, "rb")
+        f = await asyncio.to_thread(_open_regular, path)
         with f:
             st = os.fstat(f.fileno())
             head = f.read(min(HEAD_BYTES, st.st_size)) if st.st_size else b""

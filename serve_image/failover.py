@@ -45,6 +45,13 @@ class QueryFailed(DatabaseUnavailable):
     """A query failed on an established connection (which was dropped)."""
 
 
+class QueryTimedOut(DatabaseUnavailable):
+    """A bounded read got no answer within STORAGE_QUERY_TIMEOUT (its connection was dropped).
+
+    Not tried again: a second wait would double the time to the 503.
+    """
+
+
 class FailoverObserver(Protocol):
     """What the metrics want to hear about (observability.py implements it)."""
 
@@ -211,6 +218,12 @@ class Failover(Generic[C]):
                 yield conn
         except self.driver_errors as e:
             broken = True
+            if bounded and isinstance(e, TimeoutError):
+                message = self._message(
+                    f"{host.label}: {doing}: no answer within {self.settings.query_timeout:g} s"
+                )
+                logger.warning("query timed out: %s", message)
+                raise QueryTimedOut(message) from None
             message = self._message(f"{host.label}: {doing}: {type(e).__name__}: {e}")
             logger.warning("query failed: %s", message)
             raise QueryFailed(message) from None

@@ -114,9 +114,14 @@ def walk(top: str, prefix: str) -> Iterator[Entry | Problem]:
                 if entry.is_dir(follow_symlinks=False):
                     subdirs.append((entry.path, name))
                     continue
-                if not entry.is_file():
-                    continue  # sockets, fifos, dangling links: not files to store
-                st = entry.stat()
+                if entry.is_symlink():
+                    # A link could point anywhere on the machine (a site file
+                    # with its password): storing it would publish its target.
+                    yield Problem(entry.path, "a symbolic link: not stored")
+                    continue
+                if not entry.is_file(follow_symlinks=False):
+                    continue  # sockets, fifos: not files to store
+                st = entry.stat(follow_symlinks=False)
             except FileNotFoundError:
                 yield Problem(entry.path, "vanished before it could be read")
                 continue

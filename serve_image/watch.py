@@ -95,7 +95,8 @@ class Watcher:
         jobs: int = 1,
     ) -> None:
         self.cluster = cluster
-        self.root = root
+        # watchfiles reports absolute paths: a relative ROOT would match none.
+        self.root = Path(root).resolve()
         self.journal = journal
         self.var_dir = var_dir
         self.jobs = jobs
@@ -130,6 +131,9 @@ class Watcher:
             if os.path.isdir(path):
                 # A directory moved in: its files, which raised no event of their own.
                 out += [("store", e.name) for e in walk(path, name) if isinstance(e, Entry)]
+            elif os.path.islink(path):
+                # Never stored: a link could point anywhere on the machine.
+                logger.warning("%s: a symbolic link: not stored", shown(path))
             elif os.path.lexists(path):
                 out.append(("store", name))
             else:
@@ -210,7 +214,7 @@ class Watcher:
             return
         path = self.root / name
         try:
-            st = path.stat()
+            st = path.lstat()
             row = await self.cluster.stat(name)
             if row is not None and row.live and (row.size, row.mtime) == (
                     st.st_size, max(0, int(st.st_mtime))):

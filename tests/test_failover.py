@@ -436,8 +436,8 @@ async def test_read_that_never_answers_is_a_bounded_503(
             waited = time.monotonic() - t0
             assert r.status_code == 503
             assert r.headers["retry-after"] == "5"
-            # The timeout twice (the read is tried once more), never the lock's length.
-            assert 0.5 < waited < 3.0
+            # The timeout once (a timed-out read is not tried again), never the lock's length.
+            assert 0.25 < waited < 1.5
             # A stuck query is not a server down: it is not put aside.
             assert app.backend.failover.status()[0][1] is True  # type: ignore[attr-defined]
             await locker.unlock()

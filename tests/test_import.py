@@ -347,3 +347,25 @@ async def test_database_lost_mid_import_ends_the_run_with_one_line(
     if password:
         assert password not in err
     assert out == ""
+
+
+async def test_symbolic_links_are_never_stored(site: Site, tmp_path: Path) -> None:
+    """Regression: a link in the tree stored (and so published) whatever it pointed at."""
+    secret = tmp_path / "secret.py"
+    secret.write_text('STORAGE_PASS = "hunter2"\n')
+    root = tmp_path / "root"
+    write(root / "var/site/storage/images/ok.jpg", b"fine", BASE_MTIME)
+    (root / "var/site/storage/images/leak.jpg").symlink_to(secret)
+    (root / "var/site/storage/images/linked-dir").symlink_to(tmp_path, target_is_directory=True)
+    assert await run_cli("import", "--site", site.path, root, "--quiet") == 1
+    names = await rows(site, "SELECT name FROM ezdbfile ORDER BY name")
+    assert names == [("var/site/storage/images/ok.jpg",)]
+
+
+async def test_store_file_refuses_a_link(site: Site, tmp_path: Path) -> None:
+    (tmp_path / "target.jpg").write_bytes(b"target")
+    (tmp_path / "link.jpg").symlink_to(tmp_path / "target.jpg")
+    async with ClusterFiles.open(site.settings) as cluster:
+        with pytest.raises(OSError):
+            await cluster.store_file(tmp_path / "link.jpg", "var/site/storage/images/l.jpg")
+        assert not await cluster.exists("var/site/storage/images/l.jpg")

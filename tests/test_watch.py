@@ -194,3 +194,23 @@ async def _is_unreachable(site: Site) -> bool:
     except DatabaseUnavailable:
         return True
     return False
+
+
+def test_relative_root_and_links(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regression: with a relative ROOT every change (reported by absolute path) was dropped."""
+    from serve_image.watch import Journal, Watcher
+
+    monkeypatch.chdir(tmp_path)
+    image = tmp_path / "root" / IMG / "new.jpg"
+    write(image, b"new", 1_700_000_000)
+    (tmp_path / "root" / IMG / "link.jpg").symlink_to(image)
+    journal = Journal(tmp_path / "journal")
+    try:
+        watcher = Watcher(None, Path("root"), journal)  # type: ignore[arg-type]
+        changes = watcher.changes_for(
+            [str(image), str(tmp_path / "root" / IMG / "link.jpg"),
+             str(tmp_path / "root" / IMG / "gone.jpg")]
+        )
+    finally:
+        journal.close()
+    assert changes == [("delete", f"{IMG}/gone.jpg"), ("store", f"{IMG}/new.jpg")]
