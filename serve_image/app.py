@@ -124,7 +124,8 @@ class ServeImage:
         except DatabaseUnavailable:
             return PlainTextResponse(
                 "database unavailable\n", 503,
-                headers={"retry-after": str(self.settings.retry_after)},
+                headers={"retry-after": str(self.settings.retry_after),
+                         "cache-control": "no-store"},
             )
         return PlainTextResponse("ok\n", headers={"cache-control": "no-store"})
 

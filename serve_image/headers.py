@@ -10,10 +10,12 @@ from urllib.parse import quote
 from serve_image.conditional import http_date
 
 # RFC 9110 §8.3.1: type "/" subtype *( OWS ";" OWS parameter ); a datatype
-# that is not of this form (eZ rows say 'misc' at times) is not sent.
+# that is not of this form (eZ rows say 'misc' at times) is not sent. Only
+# ASCII in quoted values: a header is sent as bytes, and a non-ASCII one
+# made a 500.
 _TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
 _MEDIA_TYPE = re.compile(
-    rf"^{_TOKEN}/{_TOKEN}(?:\s*;\s*{_TOKEN}=(?:{_TOKEN}|\"[^\"\\\x00-\x1f\x7f]*\"))*$"
+    rf"^{_TOKEN}/{_TOKEN}(?:[ \t]*;[ \t]*{_TOKEN}=(?:{_TOKEN}|\"[\x20\x21\x23-\x5b\x5d-\x7e]*\"))*$"
 )
 FALLBACK_TYPE = "application/octet-stream"
 # Types a browser would run in the site's origin if it navigated to them: a

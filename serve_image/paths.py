@@ -23,7 +23,7 @@ from serve_image.errors import BadRequest, NotFound, URITooLong
 MAX_NAME_BYTES = 4096
 _PERCENT = re.compile(rb"%([0-9A-Fa-f]{2})")
 _BAD_PERCENT = re.compile(rb"%(?![0-9A-Fa-f]{2})")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # C0, DEL and C1
 _PREFIX = re.compile(r"^(var(?:/[^/]+)?)/storage/images(-versioned)?/.")
 
 

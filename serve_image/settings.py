@@ -408,12 +408,19 @@ def load_site(site: str) -> Settings:
     except Exception as e:  # the site file is user code: report, don't crash
         line = ""
         tb = e.__traceback__
+        filename = os.path.abspath(path)  # what the code object records
         while tb is not None:
-            if tb.tb_frame.f_code.co_filename == str(path):
+            if os.path.abspath(tb.tb_frame.f_code.co_filename) == filename:
                 line = f", line {tb.tb_lineno}"
             tb = tb.tb_next
+        # A NameError's text is the undefined name: an unquoted password
+        # (`STORAGE_PASS = secret`) would be printed.
+        detail = (
+            "a name that is not defined (a string without its quotes?)"
+            if isinstance(e, NameError) else str(e)
+        )
         raise SiteConfigError(
-            f"{source}{line}: could not run the site module: {type(e).__name__}: {e}"
+            f"{source}{line}: could not run the site module: {type(e).__name__}: {detail}"
         ) from None
     finally:
         sys.modules.pop(spec.name, None)

@@ -80,6 +80,8 @@ async def test_percent_decoded_name_and_query_dropped(
         ("", "application/octet-stream"),
         ("image/jpeg\r\nX-Evil: 1", "application/octet-stream"),
         ("text/plain; charset=utf-8", "text/plain; charset=utf-8"),
+        # Regression: a non-Latin-1 quoted value made a 500.
+        ('image/png; name="\u20ac.png"', "application/octet-stream"),
     ],
 )
 async def test_malformed_datatype(
@@ -321,6 +323,7 @@ async def test_database_down_is_fast_503(
                     assert elapsed < 4  # bounded by the connect timeout: never a hang
                 health = await c.get("/-/health")
                 assert health.status_code == 503
+                assert health.headers["cache-control"] == "no-store"
         finally:
             await app.shutdown()
     assert "database unavailable" in caplog.text

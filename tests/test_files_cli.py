@@ -9,7 +9,7 @@ import pytest
 
 from serve_image.backends import Backend
 from serve_image.settings import Settings
-from tests.filetree import run_cli, site_file_for
+from tests.filetree import cli_command, run_cli, site_file_for
 from tests.helpers import md5, payload, store
 
 IMG = "var/x/storage/images"
@@ -248,3 +248,38 @@ async def test_export_refuses_names_that_leave_dest(
     assert capsys.readouterr().err == (
         "serve-image: 'var/../../escaped.jpg': not a safe relative path: not exported\n")
     assert not (tmp_path / "escaped.jpg").exists()
+
+
+async def test_cat_into_a_closed_pipe_says_nothing(site: Path, writer: Backend) -> None:
+    """Regression: `serve-image cat NAME | head -c 10` ended in a BrokenPipeError traceback."""
+    import subprocess
+
+    await store(writer, "var/site/storage/images/big.bin", bytes(1024 * 1024))
+    proc = subprocess.Popen(  # noqa: ASYNC220 - waited for below
+        cli_command("cat", "--site", site, "var/site/storage/images/big.bin"),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    try:
+        assert proc.stdout.read(10) == bytes(10)
+        proc.stdout.close()
+        err = proc.stderr.read()
+        assert proc.wait(30) == 141
+    finally:
+        proc.stderr.close()
+    assert err == b""
+
+
+def test_watch_journal_that_cannot_be_opened(
+    site: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from serve_image.cli import main
+
+    (tmp_path / "root" / "var").mkdir(parents=True)
+    journal = tmp_path / "missing" / "x.journal"
+    code = main(["import", "--site", str(site), str(tmp_path / "root"), "--watch",
+                 "--journal", str(journal)])
+    assert code == 1
+    assert capsys.readouterr().err == (
+        f"serve-image: error: --journal {journal}: cannot open it: unable to open database file\n"
+    )

@@ -78,6 +78,7 @@ def test_not_found(raw: bytes) -> None:
         b"/var/s/storage/images/a%00.jpg",  # NUL
         b"/var/s/storage/images/a%0a.jpg",
         b"/var/s/storage/images/a\x7f.jpg",
+        b"/var/s/storage/images/a%C2%85.jpg",  # U+0085, a C1 control
     ],
 )
 def test_bad_request(raw: bytes) -> None:

@@ -156,3 +156,25 @@ def test_cli_reports_broken_site_on_one_line(
         f"serve-image: error: {path}: STORAGE_CHUNK_SIZE must be a whole number "
         "from 1 to 16777216, not 0\n"
     )
+
+
+def test_unquoted_password_is_not_echoed(tmp_path: Path) -> None:
+    """Regression: `STORAGE_PASS = hunter2secret` printed the NameError's name, the password."""
+    path = write_site(tmp_path, 'STORAGE_DB = "x"\n\nSTORAGE_PASS = hunter2secret\n')
+    with pytest.raises(SiteConfigError) as e:
+        load_site(str(path))
+    assert "hunter2secret" not in str(e.value)
+    assert str(e.value) == (
+        f"{path}, line 3: could not run the site module: NameError: "
+        "a name that is not defined (a string without its quotes?)"
+    )
+
+
+def test_line_number_for_a_relative_site_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: the line was named only when the site was given by an absolute path."""
+    write_site(tmp_path, 'STORAGE_DB = "x"\nSTORAGE_PORT = int("abc")\n', "rel")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SiteConfigError, match=r"^rel\.py, line 2: could not run"):
+        load_site("rel.py")

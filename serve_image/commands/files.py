@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import sqlite3
 import sys
 import time
 from datetime import UTC, datetime
@@ -77,7 +78,10 @@ def _watch(args: argparse.Namespace, root: Path) -> int:
     if journal_path.resolve().is_relative_to((root / "var").resolve()):
         # The watcher would see its own journal's writes as changes.
         raise CommandError(f"--journal {journal_path}: must be outside {root / 'var'}")
-    journal = Journal(journal_path)
+    try:
+        journal = Journal(journal_path)
+    except (sqlite3.Error, OSError) as e:
+        raise CommandError(f"--journal {journal_path}: cannot open it: {e}") from None
 
     async def work(backend: Backend) -> int:
         watcher = Watcher(ClusterFiles(backend), root, journal, var_dir=settings.var_dir,
