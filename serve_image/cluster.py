@@ -23,22 +23,27 @@ import stat
 import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 from serve_image.backends import make_backend
-from serve_image.backends.base import Backend, BrokenFile, FileMeta, StoredFile, name_hash
+from serve_image.backends.base import (
+    Backend,
+    BrokenFile,
+    FileMeta,
+    StoredFile,
+    name_hash,
+    read_range,
+)
+from serve_image.errors import StreamAborted
 from serve_image.filetypes import HEAD_BYTES, guess_datatype, scope_for
 from serve_image.settings import Settings
 
 __all__ = [
     "BrokenFile", "ClusterFiles", "FileBroken", "SourceChanged", "Stored", "StoredFile",
 ]
-
-# Bytes of chunks fetched per query when reading a file back.
-READ_BATCH_BYTES = 256 * 1024
 
 
 
@@ -223,18 +228,13 @@ class ClusterFiles:
         return meta, self._chunks(meta)
 
     async def _chunks(self, meta: FileMeta) -> AsyncIterator[bytes]:
-        limit = max(1, READ_BATCH_BYTES // self.chunk_size)
-        pos = 0
-        while pos < meta.size:
-            chunks = await self.backend.fetch_chunks(meta, pos, meta.size - 1, limit)
-            if not chunks:
-                raise FileBroken(f"{meta.name_hash}: replaced or deleted while read")
-            for c in chunks:
-                if not c.offset <= pos < c.offset + len(c.data):
-                    raise FileBroken(f"{meta.name_hash}: no chunk holds byte {pos}")
-                data = c.data[pos - c.offset:meta.size - c.offset]
-                pos += len(data)
-                yield bytes(data)
+        # The endpoint's checked walk: one version, no gap, nothing past the size.
+        try:
+            async with aclosing(read_range(self.backend, meta, 0, meta.size - 1)) as pieces:
+                async for piece in pieces:
+                    yield piece
+        except StreamAborted as e:
+            raise FileBroken(f"{meta.name_hash}: {e}") from None
 
     async def fetch_contents(self, name: str) -> bytes | None:
         """A live file's bytes, or None."""

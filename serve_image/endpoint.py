@@ -12,14 +12,15 @@ import hashlib
 import logging
 import secrets
 from collections.abc import Awaitable, Callable, MutableMapping
+from contextlib import aclosing
 from typing import Any
 
 from serve_image import conditional, ranges
 from serve_image.backends import Backend, FileMeta
+from serve_image.backends.base import read_range
 from serve_image.batching import BatchedReads
 from serve_image.cache import HotCache
 from serve_image.errors import (
-    DatabaseUnavailable,
     MethodNotAllowed,
     NotFound,
     PreconditionFailed,
@@ -38,9 +39,6 @@ Headers = list[tuple[bytes, bytes]]
 
 logger = logging.getLogger("serve_image.endpoint")
 
-# A body is read this many bytes at a time (whole chunk rows, at least one):
-# few round trips for big files, bounded memory per response.
-BATCH_BYTES = 512 * 1024
 # Paths and file versions whose resolved name and headers are remembered.
 MEMO_SIZE = 4096
 _WANTED = frozenset(
@@ -61,7 +59,6 @@ class ImageEndpoint:
         self.settings = settings
         self.backend = backend
         self.clock = Clock(settings.expiry_timeout)
-        self.batch = max(1, BATCH_BYTES // settings.chunk_size)
         self.download_non_images = settings.download_non_images
         # The per-site part of every 200, encoded once.
         fixed: Headers = [(b"x-content-type-options", b"nosniff")]
@@ -264,27 +261,12 @@ class ImageEndpoint:
         watcher = asyncio.ensure_future(_watch_disconnect(receive, gone))
         pos = start
         try:
-            while pos <= end:
-                if gone.is_set():
-                    return False  # no reads for nobody
-                try:
-                    chunks = await self.backend.fetch_chunks(meta, pos, end, self.batch)
-                except DatabaseUnavailable as e:
-                    raise StreamAborted(f"database lost: {e}") from None
-                if not chunks:
-                    raise StreamAborted("file replaced, deleted or missing chunks")
-                for chunk in chunks:
-                    length = len(chunk.data)
-                    if not chunk.offset <= pos < chunk.offset + length:
-                        raise StreamAborted(f"no chunk holds byte {pos}")
-                    if chunk.offset + length > meta.size:
-                        raise StreamAborted("chunks add up to more than the file's size")
-                    lo, hi = pos - chunk.offset, min(length, end + 1 - chunk.offset)
-                    body = chunk.data if lo == 0 and hi == length else chunk.data[lo:hi]
-                    await send({"type": "http.response.body", "body": body, "more_body": True})
-                    pos += len(body)
-                    if pos > end:
-                        break
+            async with aclosing(read_range(self.backend, meta, start, end)) as pieces:
+                async for piece in pieces:
+                    await send({"type": "http.response.body", "body": piece, "more_body": True})
+                    pos += len(piece)
+                    if gone.is_set():
+                        return False  # no reads for nobody
             return True
         except StreamAborted as e:
             # Headers are out: the only honest answer left is to cut the

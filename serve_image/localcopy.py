@@ -23,10 +23,12 @@ import contextlib
 import dataclasses
 import logging
 import time
+from contextlib import aclosing
 
 from serve_image import localfs
 from serve_image.backends import Backend, FileMeta
-from serve_image.errors import DatabaseUnavailable
+from serve_image.backends.base import read_range
+from serve_image.errors import DatabaseUnavailable, StreamAborted
 from serve_image.localfs import CopyRefused
 from serve_image.settings import Settings
 
@@ -36,8 +38,6 @@ logger = logging.getLogger("serve_image.localcopy")
 # (a later request for it offers it again). Bounds the memory held by
 # waiting small files to QUEUE_SIZE chunks.
 QUEUE_SIZE = 64
-# Bytes read from the database per query when re-reading a larger file.
-BATCH_BYTES = 256 * 1024
 # How long shutdown waits for the copy being written before cancelling it.
 CLOSE_SECONDS = 5.0
 # A file copied or found up to date is not checked again on disk for this
@@ -63,7 +63,6 @@ class LocalCopies:
         self.backend = backend
         self.root = root
         self.limit = settings.local_copy_max_bytes
-        self.batch = max(1, BATCH_BYTES // settings.chunk_size)
         self._queue: asyncio.Queue[_Job | None] = asyncio.Queue(QUEUE_SIZE)
         self._pending: set[str] = set()
         # name -> (mtime, size, until): files copied, found up to date, or
@@ -169,20 +168,11 @@ class LocalCopies:
                 await asyncio.to_thread(localfs.release, self.root, reserved)
 
     async def _reread(self, temp: localfs.TempCopy, meta: FileMeta) -> None:
-        # The same checks as the endpoint's stream: chunks must cover the file
-        # exactly, from this version of the row.
-        pos, end = 0, meta.size - 1
-        while pos <= end:
-            chunks = await self.backend.fetch_chunks(meta, pos, end, self.batch)
-            if not chunks:
-                raise CopyRefused(f"{temp.name}: replaced or deleted since it was served")
-            parts = []
-            for chunk in chunks:
-                length = len(chunk.data)
-                if not chunk.offset <= pos < chunk.offset + length:
-                    raise CopyRefused(f"{temp.name}: no chunk holds byte {pos}")
-                if chunk.offset + length > meta.size:
-                    raise CopyRefused(f"{temp.name}: chunks add up to more than its size")
-                parts.append(chunk.data[pos - chunk.offset:])
-                pos = chunk.offset + length
-            await asyncio.to_thread(temp.write, b"".join(parts))
+        # The endpoint's checked walk: chunks must cover the file exactly,
+        # from this version of the row.
+        try:
+            async with aclosing(read_range(self.backend, meta, 0, meta.size - 1)) as pieces:
+                async for piece in pieces:
+                    await asyncio.to_thread(temp.write, piece)
+        except StreamAborted as e:
+            raise CopyRefused(f"{temp.name}: {e}") from None

@@ -47,6 +47,7 @@ class SpyBackend(Backend):
         super().__init__(inner.settings, readonly=inner.readonly)
         self.inner = inner
         self.calls: list[str] = []
+        self.limits: list[int] = []  # rows asked of each fetch_chunks
 
     @property
     def chunk_reads(self) -> int:
@@ -71,6 +72,7 @@ class SpyBackend(Backend):
 
     async def fetch_chunks(self, meta: FileMeta, start: int, end: int, limit: int) -> list[Chunk]:
         self.calls.append("fetch_chunks")
+        self.limits.append(limit)
         return await self.inner.fetch_chunks(meta, start, end, limit)
 
     async def create_tables(self) -> None:

@@ -361,3 +361,17 @@ async def test_health_ok(client: httpx.AsyncClient) -> None:
 async def test_non_image_paths_are_404(client: httpx.AsyncClient) -> None:
     r = await client.get("/favicon.ico")
     assert r.status_code == 404
+
+
+async def test_batches_are_sized_from_the_stored_chunks(
+    writer: Backend, client: httpx.AsyncClient, spy: SpyBackend
+) -> None:
+    """Regression: batches were sized from STORAGE_CHUNK_SIZE (1000 here), so rows of
+    65535 bytes stored with another chunk size came 524 at a time (34 MB per query)."""
+    data = payload(2 * 1024 * 1024, seed=5)
+    await store(writer, f"{IMG}/wide.bin", data, chunk=65535)
+    r = await client.get(f"/{IMG}/wide.bin")
+    assert r.content == data
+    # The first batch after the first chunk: 4 rows; then 512 KiB / 65535 = 8 rows.
+    assert spy.limits[0] == 4
+    assert set(spy.limits[1:]) == {8}

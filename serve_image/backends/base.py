@@ -7,12 +7,12 @@ import hashlib
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from serve_image.backends import sql
-from serve_image.errors import DatabaseUnavailable
+from serve_image.errors import DatabaseUnavailable, StreamAborted
 from serve_image.settings import Settings
 
 logger = logging.getLogger("serve_image.backend")
@@ -305,3 +305,49 @@ class Backend(abc.ABC):
 
     def healthy(self) -> None:
         self._down_until = 0.0
+
+
+# A body is read this many bytes at a time (whole chunk rows, at least one):
+# few round trips for big files, bounded memory per reader.
+BATCH_BYTES = 512 * 1024
+# Rows in a file's first batch, before the stored chunks' length is known.
+FIRST_BATCH_ROWS = 4
+
+
+async def read_range(
+    backend: Backend, meta: FileMeta, start: int, end: int
+) -> AsyncGenerator[bytes, None]:
+    """Bytes start..end of this version of a file, checked, in pieces of chunk rows.
+
+    Raises StreamAborted when the file was replaced or deleted since `meta`
+    was read, when its chunks leave a gap or run past its size, or when the
+    database is lost: a reader never gets bytes of two versions or a wrong
+    byte. The pool's connection is taken per batch of rows and given back
+    before a piece is yielded.
+    """
+    pos, limit = start, FIRST_BATCH_ROWS
+    while pos <= end:
+        try:
+            chunks = await backend.fetch_chunks(meta, pos, end, limit)
+        except DatabaseUnavailable as e:
+            raise StreamAborted(f"database lost: {e}") from None
+        if not chunks:
+            raise StreamAborted("file replaced, deleted or missing chunks")
+        longest = 0
+        for chunk in chunks:
+            length = len(chunk.data)
+            longest = max(longest, length)
+            if not chunk.offset <= pos < chunk.offset + length:
+                raise StreamAborted(f"no chunk holds byte {pos}")
+            if chunk.offset + length > meta.size:
+                raise StreamAborted("chunks add up to more than the file's size")
+            lo, hi = pos - chunk.offset, min(length, end + 1 - chunk.offset)
+            piece = chunk.data if lo == 0 and hi == length else chunk.data[lo:hi]
+            pos += len(piece)
+            yield piece
+            if pos > end:
+                break
+        # Batches are sized from the rows as stored, not from the site's
+        # STORAGE_CHUNK_SIZE: a database written with other chunks (another
+        # eZ DBChunkSize) must not make one query fetch thousands of rows.
+        limit = max(1, BATCH_BYTES // max(1, longest))
