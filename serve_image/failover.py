@@ -166,13 +166,20 @@ class Failover(Generic[C]):
             if not h.up:
                 continue
             tried = True
+            # With room in the pool the acquire may open a connection: then
+            # STORAGE_CONNECT_TIMEOUT decides, not the wait for a free one.
+            s = self.settings
+            wait = (
+                s.acquire_timeout if h.pool.exhausted()
+                else max(s.acquire_timeout, s.connect_timeout)
+            )
             try:
                 if self.observer is None:
-                    conn = await h.pool.acquire(self.settings.acquire_timeout)
+                    conn = await h.pool.acquire(wait)
                 else:
                     self.observer.waiting(h.label, 1)
                     try:
-                        conn = await h.pool.acquire(self.settings.acquire_timeout)
+                        conn = await h.pool.acquire(wait)
                     finally:
                         self.observer.waiting(h.label, -1)
             except TimeoutError:

@@ -595,3 +595,37 @@ def test_storage_hosts_errors_name_file_and_constants(extra: dict[str, Any], mes
         settings_from_mapping({"STORAGE_BACKEND": "mysql", "STORAGE_DB": "x", **extra},
                               "sites/a.py")
     assert str(e.value) == message
+
+
+@pytest.mark.parametrize("backend_name", ["mysql", "pgsql"])
+async def test_connect_timeout_decides_a_new_connection(backend_name: str) -> None:
+    """Regression: the whole acquire was bounded by STORAGE_ACQUIRE_TIMEOUT, so a
+    STORAGE_CONNECT_TIMEOUT above it never applied to a server slow to greet."""
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def never_greet(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)
+
+    silent = await asyncio.start_server(never_greet, "127.0.0.1", 0)
+    port = silent.sockets[0].getsockname()[1]
+    settings = settings_from_mapping(
+        {"STORAGE_BACKEND": backend_name, "STORAGE_HOST": "127.0.0.1", "STORAGE_PORT": port,
+         "STORAGE_DB": "x", "STORAGE_CONNECT_TIMEOUT": 1.5, "STORAGE_ACQUIRE_TIMEOUT": 0.2},
+        "<silent>",
+    )
+    app = ServeImage(settings)
+    await app.backend.connect()  # no start-up ping: the request makes the first connect
+    try:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            t0 = time.monotonic()
+            r = await c.get(f"/{SMALL}")
+            waited = time.monotonic() - t0
+        assert r.status_code == 503
+        assert 1.2 < waited < 5
+    finally:
+        await app.shutdown()
+        for writer in accepted:
+            writer.close()
+        silent.close()
+        await silent.wait_closed()
