@@ -45,6 +45,17 @@ class DatabaseUnavailable(HTTPError):
     text = "Service Unavailable"
 
 
+class StatementFailed(HTTPError):
+    """The database refused one statement (a value too long, a constraint): not an outage.
+
+    The connection is fine and stays in use; an import reports that file and
+    goes on. On the request path it is our bug, hence a plain 500.
+    """
+
+    status = 500
+    text = "Internal Server Error"
+
+
 class StreamAborted(Exception):
     """The file changed, vanished or is broken after its headers were sent.
 

@@ -28,7 +28,7 @@ from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from typing import Generic, Protocol, TypeVar
 
-from serve_image.errors import DatabaseUnavailable
+from serve_image.errors import DatabaseUnavailable, StatementFailed
 from serve_image.settings import Settings, StorageHost
 
 logger = logging.getLogger("serve_image.failover")
@@ -122,10 +122,13 @@ class Failover(Generic[C]):
     def __init__(
         self, settings: Settings, pools: Sequence[HostPool[C]],
         driver_errors: tuple[type[BaseException], ...],
+        statement_errors: tuple[type[BaseException], ...] = (),
     ) -> None:
         self.settings = settings
         self.hosts = [Host(p) for p in pools]
         self.driver_errors = driver_errors
+        # Driver errors that are the statement's, not the connection's.
+        self.statement_errors = statement_errors
         self._probe_errors: tuple[type[BaseException], ...] = (TimeoutError, *driver_errors)
         self.observer: FailoverObserver | None = None
         self._closed = False
@@ -224,6 +227,11 @@ class Failover(Generic[C]):
             else:
                 yield conn
         except self.driver_errors as e:
+            if isinstance(e, self.statement_errors):
+                # The server answered: the connection is sound, the statement was not.
+                message = self._message(f"{host.label}: {doing}: {type(e).__name__}: {e}")
+                logger.warning("statement refused: %s", message)
+                raise StatementFailed(message) from None
             broken = True
             if bounded and isinstance(e, TimeoutError):
                 message = self._message(

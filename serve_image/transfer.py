@@ -19,7 +19,7 @@ from typing import TypeVar
 
 from serve_image.backends.base import StoredFile, name_hash
 from serve_image.cluster import ClusterFiles, FileBroken, SourceChanged
-from serve_image.errors import DatabaseUnavailable
+from serve_image.errors import DatabaseUnavailable, StatementFailed
 from serve_image.progress import Progress
 
 T = TypeVar("T")
@@ -247,6 +247,11 @@ class Importer:
                     return
             except FileNotFoundError:
                 self.report(entry.path, "vanished before it could be read")
+                self.progress.advance(1, entry.size)
+                return
+            except StatementFailed as e:
+                # e.g. a MIME type longer than eZ's VARCHAR(60) datatype column.
+                self.report(entry.path, f"not stored: the database refused it: {e}")
                 self.progress.advance(1, entry.size)
                 return
             except OSError as e:

@@ -24,7 +24,7 @@ from pathlib import Path
 from watchfiles import awatch
 
 from serve_image.cluster import ClusterFiles, SourceChanged
-from serve_image.errors import DatabaseUnavailable
+from serve_image.errors import DatabaseUnavailable, StatementFailed
 from serve_image.progress import Progress
 from serve_image.transfer import Entry, Importer, TransferError, shown, walk
 
@@ -229,6 +229,11 @@ class Watcher:
         except OSError as e:
             self.failed += 1
             logger.error("%s: cannot read: %s", name, e.strerror or e)
+        except StatementFailed as e:
+            # Refused for good (not an outage): report it and let the journal
+            # go on, instead of retrying it for ever at the queue's head.
+            self.failed += 1
+            logger.error("%s: not stored: the database refused it: %s", name, e)
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
         stop = stop or asyncio.Event()

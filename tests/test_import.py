@@ -369,3 +369,30 @@ async def test_store_file_refuses_a_link(site: Site, tmp_path: Path) -> None:
         with pytest.raises(OSError):
             await cluster.store_file(tmp_path / "link.jpg", "var/site/storage/images/l.jpg")
         assert not await cluster.exists("var/site/storage/images/l.jpg")
+
+
+@pytest.mark.parametrize("backend_name", ["mysql", "pgsql"])
+async def test_a_file_the_database_refuses_is_reported_and_the_run_goes_on(
+    site: Site, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Regression: a refused statement (a .docx MIME type, 71 characters, into eZ's
+    VARCHAR(60) datatype) was taken for an outage: retried, then the run ended."""
+    backend = make_backend(site.settings)
+    await backend.connect()
+    try:
+        if site.settings.backend == "mysql":
+            await backend.execute("ALTER TABLE ezdbfile MODIFY datatype VARCHAR(60) NOT NULL")
+        else:
+            await backend.execute("ALTER TABLE ezdbfile ALTER COLUMN datatype TYPE VARCHAR(60)")
+    finally:
+        await backend.close()
+    root = tmp_path / "root"
+    write(root / "var/site/storage/original/application/cv.docx", b"PK\x03\x04 not really",
+          BASE_MTIME)
+    write(root / "var/site/storage/images/ok.jpg", b"\xff\xd8\xff fine", BASE_MTIME)
+    assert await run_cli("import", "--site", site.path, root, "--quiet") == 1
+    err = capsys.readouterr().err
+    assert "cv.docx: not stored: the database refused it: " in err
+    assert "database unavailable" not in err
+    names = await rows(site, "SELECT name FROM ezdbfile ORDER BY name")
+    assert names == [("var/site/storage/images/ok.jpg",)]

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from serve_image.backends import sql
-from serve_image.errors import DatabaseUnavailable, StreamAborted
+from serve_image.errors import DatabaseUnavailable, StatementFailed, StreamAborted
 from serve_image.settings import Settings
 
 logger = logging.getLogger("serve_image.backend")
@@ -331,6 +331,8 @@ async def read_range(
             chunks = await backend.fetch_chunks(meta, pos, end, limit)
         except DatabaseUnavailable as e:
             raise StreamAborted(f"database lost: {e}") from None
+        except StatementFailed as e:
+            raise StreamAborted(f"read refused: {e}") from None
         if not chunks:
             raise StreamAborted("file replaced, deleted or missing chunks")
         longest = 0

@@ -49,12 +49,19 @@ META = sql.to_mysql(sql.META)
 FIRST = sql.to_mysql(sql.FIRST)
 CHUNKS = sql.to_mysql(sql.CHUNKS)
 _DRIVER_ERRORS = (pymysql.err.MySQLError, OSError, TimeoutError, ConnectionError)
+# The server refused the statement (1406 data too long, a duplicate key): the
+# connection is fine, and an import reports the file and goes on.
+_STATEMENT_ERRORS = (pymysql.err.DataError, pymysql.err.IntegrityError)
 
 
-def _driver(settings: Settings) -> tuple[Any, tuple[type[BaseException], ...]]:
-    """STORAGE_DRIVER's module (aiomysql, or asyncmy with the same pool API) and its errors."""
+Errors = tuple[type[BaseException], ...]
+
+
+def _driver(settings: Settings) -> tuple[Any, Errors, Errors]:
+    """STORAGE_DRIVER's module (aiomysql, or asyncmy with the same pool API), its errors,
+    and those of them that are a statement's, not the connection's."""
     if settings.driver != "asyncmy":
-        return aiomysql, _DRIVER_ERRORS
+        return aiomysql, _DRIVER_ERRORS, _STATEMENT_ERRORS
     try:
         import asyncmy
         import asyncmy.errors
@@ -63,7 +70,10 @@ def _driver(settings: Settings) -> tuple[Any, tuple[type[BaseException], ...]]:
             f"{settings.source}: STORAGE_DRIVER 'asyncmy' is not installed: "
             "pip install 'serve-image[asyncmy]'"
         ) from None
-    return asyncmy, (*_DRIVER_ERRORS, asyncmy.errors.MySQLError)
+    return (
+        asyncmy, (*_DRIVER_ERRORS, asyncmy.errors.MySQLError),
+        (*_STATEMENT_ERRORS, asyncmy.errors.DataError, asyncmy.errors.IntegrityError),
+    )
 
 
 class _HostPool(HostPool[aiomysql.Connection]):
@@ -127,7 +137,7 @@ class MySQLBackend(Backend):
         super().__init__(*args, **kwargs)
         self.failover: Failover[aiomysql.Connection] = Failover(
             self.settings, [_HostPool(self.settings, h) for h in self.settings.hosts],
-            _driver(self.settings)[1],
+            *_driver(self.settings)[1:],
         )
 
     async def connect(self) -> None:

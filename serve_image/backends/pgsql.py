@@ -51,6 +51,9 @@ _DRIVER_ERRORS = (
     asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError, OSError,
     TimeoutError,
 )
+# The server refused the statement (a value too long, a constraint): the
+# connection is fine, and an import reports the file and goes on.
+_STATEMENT_ERRORS = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError)
 
 
 async def _keep_session(conn: asyncpg.Connection) -> None:
@@ -135,7 +138,7 @@ class PostgresBackend(Backend):
         super().__init__(*args, **kwargs)
         self.failover: Failover[asyncpg.Connection] = Failover(
             self.settings, [_HostPool(self.settings, h) for h in self.settings.hosts],
-            _DRIVER_ERRORS,
+            _DRIVER_ERRORS, _STATEMENT_ERRORS,
         )
 
     async def connect(self) -> None:

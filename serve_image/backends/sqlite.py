@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 from serve_image.backends import sql
 from serve_image.backends.base import Backend, Chunk, FileMeta
-from serve_image.errors import DatabaseUnavailable
+from serve_image.errors import DatabaseUnavailable, StatementFailed
 
 T = TypeVar("T")
 
@@ -102,6 +102,9 @@ class SQLiteBackend(Backend):
         try:
             loop = asyncio.get_running_loop()
             result = await loop.run_in_executor(self._executor, lambda: fn(self._conn()))
+        except (sqlite3.IntegrityError, sqlite3.DataError) as e:
+            # The statement's fault, not the database's: no breaker, no 503.
+            raise StatementFailed(f"{self.settings.describe()}: {doing}: {e}") from None
         except sqlite3.Error as e:
             raise self.unavailable(e, doing) from None
         finally:
