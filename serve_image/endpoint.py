@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import hashlib
 import logging
 import secrets
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -17,7 +16,7 @@ from typing import Any
 
 from serve_image import conditional, ranges
 from serve_image.backends import Backend, FileMeta
-from serve_image.backends.base import read_range
+from serve_image.backends.base import name_hash, read_range
 from serve_image.batching import BatchedReads
 from serve_image.cache import HotCache
 from serve_image.errors import (
@@ -93,7 +92,7 @@ class ImageEndpoint:
 
     def _resolve_path(self, raw_path: bytes) -> tuple[FileName, str]:
         file = request_name(raw_path, self.settings.var_dir)
-        return file, hashlib.md5(file.name.encode("utf-8")).hexdigest()
+        return file, name_hash(file.name)
 
     def _build_headers(
         self, meta: FileMeta, versioned: bool, name: str

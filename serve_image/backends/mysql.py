@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -12,7 +11,7 @@ import aiomysql
 import pymysql
 
 from serve_image.backends import BackendImportError, sql
-from serve_image.backends.base import Backend, Chunk, FileMeta
+from serve_image.backends.base import Backend, Chunk, FileMeta, name_hash
 from serve_image.failover import Failover, HostPool
 from serve_image.settings import Settings, StorageHost
 
@@ -195,7 +194,7 @@ class MySQLBackend(Backend):
         self, name: str, chunks: Iterable[bytes], *, size: int, mtime: int,
         datatype: str, scope: str,
     ) -> None:
-        name_hash = hashlib.md5(name.encode("utf-8")).hexdigest()
+        key = name_hash(name)
         async with self._cursor("store") as cur:
             conn = cur.connection
             # REPEATABLE READ's gap locks make two stores of new names (DELETE
@@ -205,14 +204,14 @@ class MySQLBackend(Backend):
             await cur.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
             await conn.begin()
             try:
-                await cur.execute(sql.to_mysql(sql.DELETE_FILE), (name_hash,))
+                await cur.execute(sql.to_mysql(sql.DELETE_FILE), (key,))
                 await cur.execute(
                     sql.to_mysql(sql.INSERT_FILE),
-                    (datatype, name, name, name_hash, scope, size, mtime, False),
+                    (datatype, name, name, key, scope, size, mtime, False),
                 )
                 offset = 0
                 for data in chunks:
-                    await cur.execute(sql.to_mysql(sql.INSERT_CHUNK), (name_hash, offset, data))
+                    await cur.execute(sql.to_mysql(sql.INSERT_CHUNK), (key, offset, data))
                     offset += len(data)
                 if offset != size:
                     raise ValueError(f"{name}: read {offset} bytes, expected {size}")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Iterable
 from contextlib import AbstractAsyncContextManager
@@ -11,7 +10,7 @@ from typing import Any
 import asyncpg
 
 from serve_image.backends import sql
-from serve_image.backends.base import Backend, Chunk, FileMeta
+from serve_image.backends.base import Backend, Chunk, FileMeta, name_hash
 from serve_image.failover import Failover, HostPool
 from serve_image.settings import Settings, StorageHost
 
@@ -178,17 +177,17 @@ class PostgresBackend(Backend):
         self, name: str, chunks: Iterable[bytes], *, size: int, mtime: int,
         datatype: str, scope: str,
     ) -> None:
-        name_hash = hashlib.md5(name.encode("utf-8")).hexdigest()
+        key = name_hash(name)
         async with self._conn("store") as conn, conn.transaction():
-            await conn.execute(sql.to_pgsql(sql.DELETE_FILE), name_hash)
+            await conn.execute(sql.to_pgsql(sql.DELETE_FILE), key)
             await conn.execute(
                 sql.to_pgsql(sql.INSERT_FILE),
-                datatype, name, name, name_hash, scope, size, mtime, False,
+                datatype, name, name, key, scope, size, mtime, False,
             )
             offset = 0
             insert = sql.to_pgsql(sql.INSERT_CHUNK)
             for data in chunks:
-                await conn.execute(insert, name_hash, offset, data)
+                await conn.execute(insert, key, offset, data)
                 offset += len(data)
             if offset != size:
                 raise ValueError(f"{name}: read {offset} bytes, expected {size}")

@@ -13,14 +13,14 @@ live while its mtime is not negative.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import asyncpg
 
-from serve_image.backends.base import Chunk, FileMeta, StoredFile
+from serve_image.backends.base import Chunk, FileMeta, StoredFile, name_hash
 from serve_image.backends.pgsql import PostgresBackend
+from serve_image.errors import StatementFailed
 from serve_image.settings import SiteConfigError
 
 DDL = (
@@ -103,13 +103,13 @@ class PostgresLargeObjectBackend(PostgresBackend):
         datatype: str, scope: str,
     ) -> None:
         if len(name) > MAX_NAME:
-            raise ValueError(f"{name[:60]}...: longer than the {MAX_NAME} characters of "
-                             "ezdbfile.name in the largeobject layout")
-        name_hash = hashlib.md5(name.encode("utf-8")).hexdigest()
+            raise StatementFailed(f"{name[:60]}...: longer than the {MAX_NAME} characters of "
+                                  "ezdbfile.name in the largeobject layout")
+        key = name_hash(name)
         async with self._conn("store") as conn, conn.transaction():
             # Locks the row: two writers of one name take turns.
             old = await conn.fetchval(
-                "SELECT lob_id FROM ezdbfile WHERE name_hash = $1 FOR UPDATE", name_hash
+                "SELECT lob_id FROM ezdbfile WHERE name_hash = $1 FOR UPDATE", key
             )
             # Large objects are transactional: on any failure below, the new
             # object disappears with the rollback and the old one stays.
@@ -125,22 +125,22 @@ class PostgresLargeObjectBackend(PostgresBackend):
                     await conn.execute(
                         "INSERT INTO ezdbfile (name, name_hash, datatype, scope, size, mtime, "
                         "lob_id) VALUES ($1, $2, $3, $4, $5, $6, $7)",
-                        name, name_hash, datatype, scope, size, mtime, oid,
+                        name, key, datatype, scope, size, mtime, oid,
                     )
                 else:
                     await conn.execute(
                         "UPDATE ezdbfile SET name = $1, datatype = $3, scope = $4, size = $5, "
                         "mtime = $6, lob_id = $7 WHERE name_hash = $2",
-                        name, name_hash, datatype, scope, size, mtime, oid,
+                        name, key, datatype, scope, size, mtime, oid,
                     )
                     await conn.execute("SELECT lo_unlink($1)", old)
             except asyncpg.StringDataRightTruncationError as e:
                 # An existing eZ 3.8 table has datatype VARCHAR(60).
-                raise ValueError(f"{name}: {e}") from None
+                raise StatementFailed(f"{name}: {e}") from None
 
     # -- file management: the columns this layout has ------------------------
     async def stat_file(self, name: str) -> StoredFile | None:
-        found = await self.stat_many([hashlib.md5(name.encode("utf-8")).hexdigest()])
+        found = await self.stat_many([name_hash(name)])
         return next(iter(found.values()), None)
 
     async def stat_many(self, hashes: Sequence[str]) -> dict[str, StoredFile]:
@@ -153,11 +153,11 @@ class PostgresLargeObjectBackend(PostgresBackend):
                 for r in rows}
 
     async def soft_delete(self, name: str) -> bool:
-        name_hash = hashlib.md5(name.encode("utf-8")).hexdigest()
+        key = name_hash(name)
         async with self._conn("soft_delete") as conn:
             status: str = await conn.execute(
                 "UPDATE ezdbfile SET mtime = -ABS(mtime) WHERE name_hash = $1 AND mtime > 0",
-                name_hash,
+                key,
             )
         return status != "UPDATE 0"
 

@@ -7,7 +7,6 @@ a read can still wait on the disk, so they never run on the event loop.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import sqlite3
 import threading
 from collections.abc import Callable, Iterable
@@ -16,7 +15,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from serve_image.backends import sql
-from serve_image.backends.base import Backend, Chunk, FileMeta
+from serve_image.backends.base import Backend, Chunk, FileMeta, name_hash
 from serve_image.errors import DatabaseUnavailable, StatementFailed
 
 T = TypeVar("T")
@@ -149,17 +148,17 @@ class SQLiteBackend(Backend):
         self, name: str, chunks: Iterable[bytes], *, size: int, mtime: int,
         datatype: str, scope: str,
     ) -> None:
-        name_hash = hashlib.md5(name.encode("utf-8")).hexdigest()
+        key = name_hash(name)
 
         def q(c: sqlite3.Connection) -> None:
             c.execute("BEGIN IMMEDIATE")
             try:
-                c.execute(sql.DELETE_DATA, (name_hash,))
-                c.execute(sql.DELETE_FILE, (name_hash,))
-                c.execute(sql.INSERT_FILE, (datatype, name, name, name_hash, scope, size, mtime, 0))
+                c.execute(sql.DELETE_DATA, (key,))
+                c.execute(sql.DELETE_FILE, (key,))
+                c.execute(sql.INSERT_FILE, (datatype, name, name, key, scope, size, mtime, 0))
                 offset = 0
                 for data in chunks:
-                    c.execute(sql.INSERT_CHUNK, (name_hash, offset, data))
+                    c.execute(sql.INSERT_CHUNK, (key, offset, data))
                     offset += len(data)
                 if offset != size:
                     raise ValueError(f"{name}: read {offset} bytes, expected {size}")

@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import hashlib
 
 from serve_image import localfs
 from serve_image.backends import Backend, FileMeta
+from serve_image.backends.base import name_hash
 from serve_image.cli import CommandError, add_site_argument, run_with_backend
 from serve_image.settings import Settings, load_site
 
@@ -41,7 +41,7 @@ async def prune(settings: Settings, backend: Backend, *, dry_run: bool = False) 
         if item.temporary:
             reason = "left by a crash" if localfs.stale_temp(item) else None
         else:
-            meta = await backend.fetch_meta(hashlib.md5(item.name.encode("utf-8")).hexdigest())
+            meta = await backend.fetch_meta(name_hash(item.name))
             reason = _stale_reason(item, meta)
         if reason is None:
             report.kept += 1

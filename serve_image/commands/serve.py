@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
 import os
 import time
 from pathlib import Path
 
 from serve_image.backends import make_backend
+from serve_image.backends.base import name_hash
 from serve_image.cli import add_site_argument, run_with_backend
 from serve_image.observability import multiprocess_metrics
 from serve_image.samples import demo_files
@@ -51,7 +51,7 @@ async def _ensure_demo(settings: Settings) -> list[str]:
         names = []
         for name, datatype, data in demo_files(settings.var_dir or "var/demo"):
             names.append(name)
-            if await backend.fetch_meta(hashlib.md5(name.encode()).hexdigest()) is not None:
+            if await backend.fetch_meta(name_hash(name)) is not None:
                 continue
             size = settings.chunk_size
             await backend.store(
