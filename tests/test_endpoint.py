@@ -375,3 +375,17 @@ async def test_batches_are_sized_from_the_stored_chunks(
     # The first batch after the first chunk: 4 rows; then 512 KiB / 65535 = 8 rows.
     assert spy.limits[0] == 4
     assert set(spy.limits[1:]) == {8}
+
+
+async def test_file_of_mtime_0_deleted_mid_stream_aborts(writer: Backend, app: ServeImage) -> None:
+    """eZ's soft delete of an mtime-0 file leaves mtime 0 (-abs(0)): expired alone says so."""
+    name = f"{IMG}/zero.bin"
+    await store(writer, name, payload(1_000_000, 1), mtime=0)
+
+    async def delete(_: int) -> None:
+        await writer.execute("UPDATE ezdbfile SET mtime = -ABS(mtime), expired = ? "
+                             "WHERE name_hash = ?", True, md5(name))
+
+    status, _, body, complete = await _get_raw(app, f"/{name}", delete)
+    assert (status, complete) == (200, False)
+    assert len(body) < 1_000_000

@@ -25,6 +25,7 @@ FIRST = (
 CHUNKS = (
     'SELECT d."offset", d.filedata FROM ezdbfile_data d '
     "JOIN ezdbfile f ON f.name_hash = d.name_hash AND f.mtime = ? AND f.size = ? "
+    "AND f.expired = ? "
     'WHERE d.name_hash = ? AND d."offset" <= ? AND d."offset" >= '
     '(SELECT COALESCE(MAX("offset"), 0) FROM ezdbfile_data '
     'WHERE name_hash = ? AND "offset" <= ?) '
@@ -41,8 +42,10 @@ INSERT_CHUNK = 'INSERT INTO ezdbfile_data (name_hash, "offset", filedata) VALUES
 
 
 def chunk_args(mtime: int, size: int, name_hash: str, start: int, end: int, limit: int) -> tuple[
-        int, int, str, int, str, int, int]:
-    return (mtime, size, name_hash, end, name_hash, start, limit)
+        int, int, bool, str, int, str, int, int]:
+    # expired = False too: soft-deleting a file of mtime 0 leaves its mtime
+    # at 0 (-abs(0)), so only `expired` tells that it is gone.
+    return (mtime, size, False, name_hash, end, name_hash, start, limit)
 
 
 def to_mysql(sql: str) -> str:
