@@ -133,6 +133,8 @@ class _HostPool(HostPool[asyncpg.Connection]):
 
 
 class PostgresBackend(Backend):
+    ddl: tuple[str, ...] = DDL  # the tables of this layout, created by create_tables
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.failover: Failover[asyncpg.Connection] = Failover(
@@ -170,7 +172,7 @@ class PostgresBackend(Backend):
 
     async def create_tables(self) -> None:
         async with self._conn("create_tables") as conn:
-            for stmt in DDL:
+            for stmt in self.ddl:
                 await conn.execute(stmt)
 
     async def store(

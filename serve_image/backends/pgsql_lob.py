@@ -62,6 +62,8 @@ MAX_NAME = 255
 class PostgresLargeObjectBackend(PostgresBackend):
     """eZ 3.8's `ezdbfile.lob_id` layout, behind the same interface as the chunk tables."""
 
+    ddl = DDL  # eZ 3.8's table; create_tables is the parent's
+
     async def fetch_meta(self, name_hash: str) -> FileMeta | None:
         async with self._conn("fetch_meta", bounded=True) as conn:
             row = await conn.fetchrow(META, name_hash)
@@ -92,11 +94,6 @@ class PostgresLargeObjectBackend(PostgresBackend):
             except asyncpg.UndefinedObjectError:
                 return []  # the large object is gone: as missing chunks, the response is cut
         return [Chunk(pos, data) for pos, data in rows]
-
-    async def create_tables(self) -> None:
-        async with self._conn("create_tables") as conn:
-            for stmt in DDL:
-                await conn.execute(stmt)
 
     async def store(
         self, name: str, chunks: Iterable[bytes], *, size: int, mtime: int,
