@@ -9,10 +9,10 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from serve_image.backends import make_backend
 from serve_image.settings import settings_from_mapping
+from tests.servers import create_database, drop_database, server_constants
 
 SMALL_COUNT, SMALL_SIZE = 1000, 10 * 1024
 LARGE_COUNT, LARGE_SIZE = 20, 5 * 1024 * 1024
@@ -20,8 +20,6 @@ CHUNK_SIZE = 65535  # eZ's DBChunkSize
 MTIME = 1_700_000_000
 VAR = "var/bench/storage/images"
 
-MYSQL_DSN = os.environ.get("SERVE_IMAGE_TEST_MYSQL", "mysql://root@127.0.0.1:3306")
-PGSQL_DSN = os.environ.get("SERVE_IMAGE_TEST_PGSQL", "postgresql://postgres@127.0.0.1:5432")
 
 
 @dataclass(frozen=True)
@@ -44,46 +42,11 @@ def make_files(root: Path, small_count: int = SMALL_COUNT) -> BenchFiles:
     return BenchFiles(small, large)
 
 
-def server_constants(backend: str, database: str) -> dict[str, Any]:
+def site_constants(backend: str, database: str) -> dict[str, Any]:
     """Site constants for a database on this machine's server (or a SQLite file)."""
     if backend == "sqlite":
         return {"STORAGE_BACKEND": "sqlite", "STORAGE_DB": database}
-    url = urlsplit(MYSQL_DSN if backend == "mysql" else PGSQL_DSN)
-    return {
-        "STORAGE_BACKEND": backend,
-        "STORAGE_HOST": url.hostname or "127.0.0.1",
-        "STORAGE_PORT": url.port or (3306 if backend == "mysql" else 5432),
-        "STORAGE_USER": url.username or "",
-        "STORAGE_PASS": url.password or "",
-        "STORAGE_DB": database,
-    }
-
-
-async def _admin(backend: str, statement: str) -> None:
-    c = server_constants(backend, "")
-    if backend == "mysql":
-        import aiomysql
-
-        conn = await aiomysql.connect(
-            host=c["STORAGE_HOST"], port=c["STORAGE_PORT"], user=c["STORAGE_USER"],
-            password=c["STORAGE_PASS"], connect_timeout=5,
-        )
-        try:
-            async with conn.cursor() as cur:
-                await cur.execute(statement)
-        finally:
-            conn.close()
-    else:
-        import asyncpg
-
-        conn = await asyncpg.connect(
-            host=c["STORAGE_HOST"], port=c["STORAGE_PORT"], user=c["STORAGE_USER"] or None,
-            password=c["STORAGE_PASS"] or None, database="postgres", timeout=5,
-        )
-        try:
-            await conn.execute(statement)
-        finally:
-            await conn.close()
+    return {**server_constants(backend), "STORAGE_DB": database}
 
 
 class Databases:
@@ -96,18 +59,14 @@ class Databases:
 
     async def create(self, backend: str) -> dict[str, Any]:
         if backend == "sqlite":
-            return server_constants(backend, str(self.tmp / f"{self.name}.sqlite"))
-        quoted = f"`{self.name}`" if backend == "mysql" else f'"{self.name}"'
-        await _admin(backend, f"CREATE DATABASE {quoted}")
+            return site_constants(backend, str(self.tmp / f"{self.name}.sqlite"))
+        await create_database(backend, self.name)
         self.created.append(backend)
-        return server_constants(backend, self.name)
+        return site_constants(backend, self.name)
 
     async def drop_all(self) -> None:
         for backend in self.created:
-            if backend == "mysql":
-                await _admin(backend, f"DROP DATABASE IF EXISTS `{self.name}`")
-            else:
-                await _admin(backend, f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
+            await drop_database(backend, self.name)
         self.created.clear()
 
 

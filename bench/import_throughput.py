@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import _create_database, _drop_database, _server_constants
+from tests.servers import create_database, drop_database, server_constants
 
 MiB = 1024 * 1024
 
@@ -98,8 +98,8 @@ def main() -> None:
                 constants: dict[str, Any] = {"STORAGE_BACKEND": "sqlite",
                                              "STORAGE_DB": str(workdir / "bench.sqlite")}
             else:
-                asyncio.run(_create_database(backend, name))
-                constants = {**_server_constants(backend), "STORAGE_DB": name}
+                asyncio.run(create_database(backend, name))
+                constants = {**server_constants(backend), "STORAGE_DB": name}
             try:
                 site = site_file(constants, workdir)
                 serve_image("init-db", "--site", site)
@@ -109,7 +109,7 @@ def main() -> None:
                       f"({n1} in {t1:.2f} s) | {s2 / t2 / 1e6:.1f} MB/s ({t2:.2f} s) |", flush=True)
             finally:
                 if backend != "sqlite":
-                    asyncio.run(_drop_database(backend, name))
+                    asyncio.run(drop_database(backend, name))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ import secrets
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -22,9 +21,10 @@ from serve_image.app import ServeImage
 from serve_image.backends import Backend, make_backend
 from serve_image.settings import Settings, settings_from_mapping
 from tests.helpers import SpyBackend
+from tests.servers import create_database as _create_database
+from tests.servers import drop_database as _drop_database
+from tests.servers import server_constants as _server_constants
 
-MYSQL_DSN = os.environ.get("SERVE_IMAGE_TEST_MYSQL", "mysql://root@127.0.0.1:3306")
-PGSQL_DSN = os.environ.get("SERVE_IMAGE_TEST_PGSQL", "postgresql://postgres@127.0.0.1:5432")
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 BACKENDS = ["sqlite", "mysql", "pgsql"]
 RUN_ID = f"si_test_{os.getpid()}_{secrets.token_hex(3)}"
@@ -35,55 +35,6 @@ def server_missing(what: str, error: BaseException) -> None:
     if IN_CI:
         pytest.fail(f"CI=true and {message}", pytrace=False)
     pytest.skip(message)
-
-
-def _server_constants(backend: str) -> dict[str, Any]:
-    url = urlsplit(MYSQL_DSN if backend == "mysql" else PGSQL_DSN)
-    return {
-        "STORAGE_BACKEND": backend,
-        "STORAGE_HOST": url.hostname or "127.0.0.1",
-        "STORAGE_PORT": url.port or (3306 if backend == "mysql" else 5432),
-        "STORAGE_USER": url.username or "",
-        "STORAGE_PASS": url.password or "",
-    }
-
-
-async def _admin(backend: str, statement: str) -> None:
-    """Run one statement on the server outside any test database (CREATE/DROP DATABASE)."""
-    c = _server_constants(backend)
-    if backend == "mysql":
-        import aiomysql
-
-        conn = await aiomysql.connect(
-            host=c["STORAGE_HOST"], port=c["STORAGE_PORT"], user=c["STORAGE_USER"],
-            password=c["STORAGE_PASS"], connect_timeout=3,
-        )
-        async with conn.cursor() as cur:
-            await cur.execute(statement)
-        conn.close()
-    else:
-        import asyncpg
-
-        conn = await asyncpg.connect(
-            host=c["STORAGE_HOST"], port=c["STORAGE_PORT"], user=c["STORAGE_USER"],
-            password=c["STORAGE_PASS"] or None, database="postgres", timeout=3,
-        )
-        await conn.execute(statement)
-        await conn.close()
-
-
-async def _create_database(backend: str, name: str) -> None:
-    if backend == "mysql":
-        await _admin(backend, f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4")
-    else:
-        await _admin(backend, f'CREATE DATABASE "{name}"')
-
-
-async def _drop_database(backend: str, name: str) -> None:
-    if backend == "mysql":
-        await _admin(backend, f"DROP DATABASE IF EXISTS `{name}`")
-    else:
-        await _admin(backend, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 class DatabaseFactory:
