@@ -63,8 +63,13 @@ class System:
     env: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
     etags: dict[str, str] = field(default_factory=dict)
+    # Not a server: bench/db_only.py run for the `large` scenario alone, with
+    # `argv` + [file, seconds, connections] appended.
+    db_only: bool = False
 
     def start(self, logs: Path) -> None:
+        if self.db_only:
+            return
         log = (logs / f"{self.name}.log").open("wb")
         self.proc = subprocess.Popen(
             self.argv, env={**os.environ, **self.env}, cwd=ROOT, stdout=log, stderr=log,
@@ -125,8 +130,9 @@ def _site_file(path: Path, constants: dict[str, Any]) -> Path:
 
 
 def make_systems(tmp: Path, docroot: Path, sites: dict[str, dict[str, Any]]) -> list[System]:
-    """serve-image per backend with 1 and 2 workers (and MariaDB with asyncmy, and with
-    the hot cache), nginx from disk, and the naive port per backend."""
+    """serve-image per backend with 1 and 2 workers (and MariaDB with aiomysql, and with
+    the hot cache), nginx from disk, the naive port per backend, and serve-image's
+    database reads alone per backend."""
     systems = []
     for backend, constants in sites.items():
         for workers in (1, 2):
@@ -138,7 +144,7 @@ def make_systems(tmp: Path, docroot: Path, sites: dict[str, dict[str, Any]]) -> 
                  "--workers", str(workers), "--log-level", "warning"], port))
     if "mysql" in sites:
         variants: dict[str, dict[str, Any]] = {
-            "asyncmy": {"STORAGE_DRIVER": "asyncmy"}, "cache": HOT_CACHE,
+            "aiomysql": {"STORAGE_DRIVER": "aiomysql"}, "cache": HOT_CACHE,
         }
         for variant, extra in variants.items():
             site = _site_file(tmp / f"site_mysql_{variant}.py", {**sites["mysql"], **extra})
@@ -165,6 +171,11 @@ def make_systems(tmp: Path, docroot: Path, sites: dict[str, dict[str, Any]]) -> 
              "bench.baselines.naive:from_environment", "--port", str(port),
              "--log-level", "warning"], port,
             env={"SERVE_IMAGE_SITE": str(tmp / f"site_{backend}.py")}))
+    for backend in sites:
+        systems.append(System(
+            f"db-only-{backend}",
+            [str(VENV_BIN / "python"), "-m", "bench.db_only", str(tmp / f"site_{backend}.py")],
+            0, db_only=True))
     return systems
 
 
@@ -223,6 +234,15 @@ async def run_wrk(system: System, paths_file: Path, connections: int, seconds: i
     return report.parse_wrk(out.decode(errors="replace"))
 
 
+async def run_db_only(system: System, name: str, connections: int, seconds: int
+                      ) -> report.WrkRun:
+    proc = await asyncio.create_subprocess_exec(
+        *system.argv, name, str(seconds), str(connections), cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    out, _ = await proc.communicate()
+    return report.parse_wrk(out.decode(errors="replace"))
+
+
 async def _slow_reader(port: int, paths: list[str], index: int, stop: asyncio.Event) -> None:
     """Fetch 5 MiB files at about 160 KB/s until told to stop."""
     loop = asyncio.get_running_loop()
@@ -249,6 +269,8 @@ async def _slow_reader(port: int, paths: list[str], index: int, stop: asyncio.Ev
 async def measure(system: System, scenario: str, paths: dict[str, Path], files: BenchFiles,
                   seconds: int, threads: int, profile: Path | None = None
                   ) -> tuple[report.WrkRun, list[float]]:
+    if system.db_only:
+        return await run_db_only(system, files.large[0], 4, seconds), []
     pids = system.worker_pids()
     reset_peak_rss(pids)
     spy = None
@@ -313,11 +335,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             systems = [s for s in systems if s.name in args.systems]
         for s in systems:
             s.start(tmp)
-        for s in systems:
+        servers = [s for s in systems if not s.db_only]
+        for s in servers:
             wait_ready(s, "/" + files.small[0])
             prime(s, files)
         paths: dict[str, dict[str, Path]] = {}
-        for s in systems:
+        for s in servers:
             small = tmp / f"paths_{s.name}.txt"
             small.write_text("".join(f"/{n}\t{s.etags[n]}\n" for n in files.small))
             large = tmp / "paths_large.txt"
@@ -326,14 +349,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         figures: dict[str, dict[str, report.Figures]] = {}
         for scenario in args.scenarios:
             for round_ in range(args.rounds):
-                for s in systems:
+                for s in systems if scenario == "large" else servers:
                     print(f"bench: {scenario} round {round_ + 1}/{args.rounds}: {s.name}",
                           flush=True)
                     profile = None
                     if s.name == args.profile and round_ == 0:
                         profile = args.out / f"profile-{s.name}-{scenario}.txt"
                         args.out.mkdir(parents=True, exist_ok=True)
-                    result, rss = await measure(s, scenario, paths[s.name], files,
+                    result, rss = await measure(s, scenario, paths.get(s.name, {}), files,
                                                 args.duration, args.threads, profile)
                     f = figures.setdefault(scenario, {}).setdefault(s.name, report.Figures())
                     f.runs.append(result)

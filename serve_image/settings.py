@@ -22,8 +22,9 @@ BACKENDS = ("mysql", "pgsql", "sqlite")
 # STORAGE_LAYOUT: "chunks" is ezdbfile + ezdbfile_data (eZ 3.10-4.7, every
 # backend); "largeobject" is eZ 3.8's PostgreSQL ezdbfile.lob_id (pgsql only).
 LAYOUTS = ("chunks", "largeobject")
-# STORAGE_DRIVER for mysql: aiomysql (pure Python, the default) or asyncmy
-# (Cython, the same API; faster for large files, see README "Performance").
+# STORAGE_DRIVER for mysql: asyncmy (Cython, the default: faster than aiomysql
+# for small and large files in scripts/bench, README "Performance") or aiomysql
+# (pure Python, the same API, for a platform asyncmy has no wheel for).
 MYSQL_DRIVERS = ("aiomysql", "asyncmy")
 DEFAULT_PORTS = {"mysql": 3306, "pgsql": 5432}
 # eZ's DBChunkSize is 65535, the largest value a MySQL BLOB holds; anything
@@ -319,7 +320,7 @@ def settings_from_mapping(values: Mapping[str, Any], source: str, name: str = ""
         )
     if out["STORAGE_DRIVER"] is not None and backend != "mysql":
         raise _error(source, "STORAGE_DRIVER", f"is for STORAGE_BACKEND 'mysql', not {backend!r}")
-    driver = out["STORAGE_DRIVER"] or {"mysql": "aiomysql", "pgsql": "asyncpg"}.get(
+    driver = out["STORAGE_DRIVER"] or {"mysql": "asyncmy", "pgsql": "asyncpg"}.get(
         backend, "sqlite3"
     )
     hosts = _storage_hosts(values, out, source, backend, port)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from bench.report import Figures, WrkOutputError, WrkRun, parse_wrk, ratios
+from bench.report import Figures, WrkOutputError, WrkRun, parse_wrk, ratios, targets
 
 WRK_OUTPUT = """Running 3s test @ http://127.0.0.1:8000
   1 threads and 32 connections
@@ -49,3 +51,47 @@ def test_figures_add_up_rounds_and_ratios_compare_like_with_like() -> None:
         "large": {"serve-image-mysql-1w": {"figure": "mb_s", "vs_nginx": 0.25,
                                             "vs_naive": None}},
     }
+
+
+def test_db_only_is_measured_against_nginx_and_judged_by_no_target() -> None:
+    def figures(mib: int) -> dict[str, object]:
+        return Figures([WrkRun(100, mib * 1024 * 1024, 2.0, 0, 1.0, 4.0)], []).summary()
+
+    summaries = {"large": {"serve-image-pgsql-1w": figures(300), "db-only-pgsql": figures(500),
+                           "nginx": figures(2000)}}
+    rat = ratios(summaries)
+    assert rat["large"]["db-only-pgsql"] == {"figure": "mb_s", "vs_nginx": 0.25, "vs_naive": None}
+    texts = [t.text for t in targets(summaries, rat)]
+    assert "5 MiB MB/s, serve-image-pgsql-1w / nginx >= 0.4" in texts
+    assert not [t for t in texts if "db-only" in t]
+
+
+def test_db_only_reads_a_stored_file_whole(tmp_path: Path) -> None:
+    import asyncio
+
+    from bench import db_only
+    from serve_image.backends import make_backend
+    from serve_image.settings import settings_from_mapping
+
+    db = tmp_path / "d.sqlite"
+    site = tmp_path / "site.py"
+    site.write_text(f"STORAGE_BACKEND = 'sqlite'\nSTORAGE_DB = {str(db)!r}\n")
+    data = bytes(range(256)) * 1000  # 256,000 bytes in 4 chunks
+
+    async def fill() -> None:
+        b = make_backend(settings_from_mapping(
+            {"STORAGE_BACKEND": "sqlite", "STORAGE_DB": str(db)}, "<t>", "t"))
+        await b.connect()
+        await b.create_tables()
+        parts = [data[i:i + 65535] for i in range(0, len(data), 65535)]
+        await b.store("var/x/storage/images/a.jpg", parts, size=len(data), mtime=1,
+                      datatype="image/jpeg", scope="image")
+        await b.close()
+
+    asyncio.run(fill())
+    out = asyncio.run(db_only.run(str(site), "var/x/storage/images/a.jpg", 0.3, 2))
+    assert out["requests"] >= 2
+    assert out["bytes"] == len(data) * out["requests"]
+    assert out["errors"] == {"connect": 0, "read": 0, "write": 0, "status": 0, "timeout": 0}
+    with pytest.raises(SystemExit, match=r"none\.jpg is not stored"):
+        asyncio.run(db_only.run(str(site), "var/x/storage/images/none.jpg", 0.1, 1))

@@ -1,4 +1,7 @@
-"""STORAGE_DRIVER = "asyncmy": the same reads, writes and failures as with aiomysql."""
+"""STORAGE_DRIVER = "aiomysql": the same reads, writes and failures as with asyncmy.
+
+asyncmy is the default driver, so every other MySQL test runs on it.
+"""
 
 from __future__ import annotations
 
@@ -17,8 +20,8 @@ pytestmark = pytest.mark.mysql
 
 
 @pytest.fixture
-async def asyncmy_site(databases: DatabaseFactory) -> AsyncIterator[tuple[Settings, Backend]]:
-    settings = await databases.settings("mysql", STORAGE_DRIVER="asyncmy", STORAGE_CHUNK_SIZE=1000)
+async def aiomysql_site(databases: DatabaseFactory) -> AsyncIterator[tuple[Settings, Backend]]:
+    settings = await databases.settings("mysql", STORAGE_DRIVER="aiomysql", STORAGE_CHUNK_SIZE=1000)
     writer = make_backend(settings)
     await writer.connect()
     await writer.create_tables()
@@ -27,8 +30,8 @@ async def asyncmy_site(databases: DatabaseFactory) -> AsyncIterator[tuple[Settin
 
 
 @pytest.fixture
-async def client(asyncmy_site: tuple[Settings, Backend]) -> AsyncIterator[httpx.AsyncClient]:
-    app = ServeImage(asyncmy_site[0])
+async def client(aiomysql_site: tuple[Settings, Backend]) -> AsyncIterator[httpx.AsyncClient]:
+    app = ServeImage(aiomysql_site[0])
     await app.startup()
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
@@ -37,9 +40,9 @@ async def client(asyncmy_site: tuple[Settings, Backend]) -> AsyncIterator[httpx.
 
 
 async def test_files_of_one_and_of_many_chunks_are_served_whole(
-    asyncmy_site: tuple[Settings, Backend], client: httpx.AsyncClient
+    aiomysql_site: tuple[Settings, Backend], client: httpx.AsyncClient
 ) -> None:
-    writer = asyncmy_site[1]
+    writer = aiomysql_site[1]
     small, large = payload(700, seed=1), payload(5500, seed=2)
     await store(writer, f"{IMG}/small.jpg", small)
     await store(writer, f"{IMG}/large.jpg", large)
@@ -50,10 +53,10 @@ async def test_files_of_one_and_of_many_chunks_are_served_whole(
 
 
 async def test_a_range_reads_only_its_bytes(
-    asyncmy_site: tuple[Settings, Backend], client: httpx.AsyncClient
+    aiomysql_site: tuple[Settings, Backend], client: httpx.AsyncClient
 ) -> None:
     data = payload(5500, seed=3)
-    await store(asyncmy_site[1], f"{IMG}/r.jpg", data)
+    await store(aiomysql_site[1], f"{IMG}/r.jpg", data)
     r = await client.get(f"/{IMG}/r.jpg", headers={"range": "bytes=1500-2600"})
     assert r.status_code == 206
     assert r.headers["content-range"] == "bytes 1500-2600/5500"
@@ -66,7 +69,7 @@ async def test_missing_file_is_404(client: httpx.AsyncClient) -> None:
 
 async def test_unreachable_server_is_a_fast_503() -> None:
     settings = settings_from_mapping(
-        {"STORAGE_BACKEND": "mysql", "STORAGE_DRIVER": "asyncmy", "STORAGE_PORT": free_port(),
+        {"STORAGE_BACKEND": "mysql", "STORAGE_DRIVER": "aiomysql", "STORAGE_PORT": free_port(),
          "STORAGE_DB": "x", "STORAGE_CONNECT_TIMEOUT": 1},
         "<test>", "test",
     )
@@ -97,6 +100,21 @@ def test_driver_setting_is_checked(values: dict[str, object], message: str) -> N
     assert str(e.value) == message
 
 
-def test_driver_defaults_to_aiomysql() -> None:
+def test_driver_defaults_to_asyncmy() -> None:
     s = settings_from_mapping({"STORAGE_BACKEND": "mysql", "STORAGE_DB": "x"}, "sites/x.py")
-    assert s.driver == "aiomysql"
+    assert s.driver == "asyncmy"
+
+
+@pytest.mark.parametrize("driver", [None, "aiomysql", "asyncmy"])
+async def test_connections_come_from_the_chosen_driver(
+    databases: DatabaseFactory, driver: str | None
+) -> None:
+    extra = {} if driver is None else {"STORAGE_DRIVER": driver}
+    backend = make_backend(await databases.settings("mysql", **extra))
+    await backend.connect()
+    try:
+        async with backend.failover.connection("test") as conn:  # type: ignore[attr-defined]
+            module = type(conn).__module__.split(".")[0]
+    finally:
+        await backend.close()
+    assert module == (driver or "asyncmy")

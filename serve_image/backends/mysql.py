@@ -1,4 +1,4 @@
-"""MySQL / MariaDB with aiomysql: the tables real eZ Publish clusters have."""
+"""MySQL / MariaDB with asyncmy or aiomysql: the tables real eZ Publish clusters have."""
 
 from __future__ import annotations
 
@@ -67,7 +67,7 @@ def _driver(settings: Settings) -> tuple[Any, Errors, Errors]:
     except ImportError:
         raise BackendImportError(
             f"{settings.source}: STORAGE_DRIVER 'asyncmy' is not installed: "
-            "pip install 'serve-image[asyncmy]'"
+            "pip install 'serve-image[mysql]', or set STORAGE_DRIVER = 'aiomysql'"
         ) from None
     return (
         asyncmy, (*_DRIVER_ERRORS, asyncmy.errors.MySQLError),
