@@ -68,7 +68,7 @@ def measure(site: Path, backend: str, root: Path, jobs: int, rounds: int) -> tup
     for _ in range(rounds):
         empty_tables(site, backend)
         started = time.perf_counter()
-        done = serve_image("import", "--site", site, root, "--quiet", "--jobs", jobs)
+        done = serve_image("import", "--site", site, root, "--quiet", "--jobs", str(jobs))
         best = min(best, time.perf_counter() - started)
         files = int(done.stdout.split(" ", 1)[0])
     for p in root.rglob("*"):

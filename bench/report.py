@@ -88,16 +88,17 @@ def ratios(summaries: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> dict[str
 
     `summaries` is scenario -> system -> Figures.summary(). serve-image
     systems are named `serve-image-<backend>-...`, the baselines `nginx`
-    and `naive-<backend>`. `db-only-<backend>` (serve-image's database reads
-    without HTTP, `large` only) gets its share of nginx too: the ceiling of
-    any worker on that driver.
+    and `naive-<backend>`. The two ceilings get their share of nginx too:
+    `http-only` (uvicorn sending the same responses from memory) and
+    `db-only-<backend>` (serve-image's database reads without HTTP, `large`
+    only).
     """
     out: dict[str, dict[str, Any]] = {}
     for scenario, systems in summaries.items():
         figure = RATIO_FIGURE[scenario]
         nginx = systems.get("nginx", {}).get(figure)
         for name, s in systems.items():
-            if name.startswith("db-only-"):
+            if name.startswith("db-only-") or name == "http-only":
                 out.setdefault(scenario, {})[name] = {
                     "figure": figure, "vs_nginx": ratio(s.get(figure), nginx), "vs_naive": None,
                 }
@@ -215,6 +216,7 @@ def chart(report: Mapping[str, Any], path: str, order: Sequence[str]) -> None:
         names = [n for n in order if n in systems]
         values = [systems[n][key] or 0 for n in names]
         colours = ["#888888" if n == "nginx" else "#c44e52" if n.startswith("naive")
+                   else "#bbbbbb" if n == "http-only" or n.startswith("db-only-")
                    else "#4c72b0" for n in names]
         ax.barh(names, values, color=colours)
         ax.invert_yaxis()

@@ -131,8 +131,9 @@ def _site_file(path: Path, constants: dict[str, Any]) -> Path:
 
 def make_systems(tmp: Path, docroot: Path, sites: dict[str, dict[str, Any]]) -> list[System]:
     """serve-image per backend with 1 and 2 workers (and MariaDB with aiomysql, and with
-    the hot cache), nginx from disk, the naive port per backend, and serve-image's
-    database reads alone per backend."""
+    the hot cache), nginx from disk, the naive port per backend, and the two halves
+    of serve-image alone: its HTTP side (files from memory) and its database reads
+    per backend."""
     systems = []
     for backend, constants in sites.items():
         for workers in (1, 2):
@@ -171,6 +172,13 @@ def make_systems(tmp: Path, docroot: Path, sites: dict[str, dict[str, Any]]) -> 
              "bench.baselines.naive:from_environment", "--port", str(port),
              "--log-level", "warning"], port,
             env={"SERVE_IMAGE_SITE": str(tmp / f"site_{backend}.py")}))
+    port = free_port()
+    systems.append(System(
+        "http-only",
+        [str(VENV_BIN / "python"), "-m", "uvicorn", "--factory",
+         "bench.baselines.http_only:from_environment", "--port", str(port),
+         "--log-level", "warning", "--no-access-log", "--no-server-header"], port,
+        env={"SERVE_IMAGE_BENCH_ROOT": str(docroot)}))
     for backend in sites:
         systems.append(System(
             f"db-only-{backend}",
