@@ -1,7 +1,7 @@
 """Import throughput: `serve-image import` of 10 KiB files and of one 20 MiB file, per backend.
 
     .venv/bin/python -m bench.import_throughput [--files 2000] [--jobs 4] [--rounds 2]
-                                                [--backends sqlite,mysql,pgsql]
+                                                [--backends sqlite,mysql,mysql-aiomysql,pgsql]
 
 Each backend gets a fresh database (MariaDB and PostgreSQL from
 SERVE_IMAGE_TEST_MYSQL / SERVE_IMAGE_TEST_PGSQL, as the tests), dropped
@@ -82,7 +82,9 @@ def main() -> None:
     parser.add_argument("--files", type=int, default=2000)
     parser.add_argument("--jobs", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--backends", default="sqlite,mysql,pgsql")
+    parser.add_argument("--backends", default="sqlite,mysql,pgsql",
+                        help="sqlite, mysql, pgsql; mysql-aiomysql is mysql with "
+                             "STORAGE_DRIVER = 'aiomysql'")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         small, big = Path(tmp) / "small", Path(tmp) / "big"
@@ -90,9 +92,10 @@ def main() -> None:
         make_tree(big, 1, 20 * MiB)
         print("| backend | 10 KiB files | 20 MiB file |")
         print("| --- | --- | --- |")
-        for backend in args.backends.split(","):
+        for label in args.backends.split(","):
+            backend, _, driver = label.partition("-")
             name = f"si_bench_{os.getpid()}_{secrets.token_hex(3)}"
-            workdir = Path(tmp) / backend
+            workdir = Path(tmp) / label
             workdir.mkdir()
             if backend == "sqlite":
                 constants: dict[str, Any] = {"STORAGE_BACKEND": "sqlite",
@@ -100,12 +103,14 @@ def main() -> None:
             else:
                 asyncio.run(create_database(backend, name))
                 constants = {**server_constants(backend), "STORAGE_DB": name}
+                if driver:
+                    constants["STORAGE_DRIVER"] = driver
             try:
                 site = site_file(constants, workdir)
                 serve_image("init-db", "--site", site)
                 t1, n1, s1 = measure(site, backend, small, args.jobs, args.rounds)
                 t2, _, s2 = measure(site, backend, big, args.jobs, args.rounds)
-                print(f"| {backend} | {n1 / t1:.0f} files/s, {s1 / t1 / 1e6:.1f} MB/s "
+                print(f"| {label} | {n1 / t1:.0f} files/s, {s1 / t1 / 1e6:.1f} MB/s "
                       f"({n1} in {t1:.2f} s) | {s2 / t2 / 1e6:.1f} MB/s ({t2:.2f} s) |", flush=True)
             finally:
                 if backend != "sqlite":
