@@ -99,6 +99,6 @@ async def fill(constants: dict[str, Any], root: Path, files: BenchFiles) -> None
         await backend.create_tables()
         await asyncio.gather(*(store(n) for n in files.small + files.large))
         for statement in SETTLE[settings.backend]:
-            await backend.query(statement)
+            await backend.execute(statement)
     finally:
         await backend.close()

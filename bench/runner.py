@@ -39,6 +39,7 @@ VENV_BIN = Path(sys.executable).parent
 LUA = HERE / "random_paths.lua"
 BACKENDS = ("mysql", "pgsql", "sqlite")
 SLOW_READERS = 64
+LARGE_CONNECTIONS = 4  # the `large` scenario's, for wrk and db-only alike
 SLOW_READ_BYTES = 16 * 1024  # per read; then a pause, so each reader gets ~160 KB/s
 SLOW_READ_PAUSE = 0.1
 # A TTL longer than one interleaved round: each system idles while the others
@@ -248,7 +249,12 @@ async def run_db_only(system: System, name: str, connections: int, seconds: int
         *system.argv, name, str(seconds), str(connections), cwd=ROOT,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
     out, _ = await proc.communicate()
-    return report.parse_wrk(out.decode(errors="replace"))
+    try:
+        return report.parse_wrk(out.decode(errors="replace"))
+    except report.WrkOutputError as e:
+        # Counted as a failed round, as wrk counts errors, not the end of the run.
+        print(f"bench: {system.name} failed: {e}", flush=True)
+        return report.WrkRun(0, 0, float(seconds), 1, 0.0, 0.0)
 
 
 async def _slow_reader(port: int, paths: list[str], index: int, stop: asyncio.Event) -> None:
@@ -278,7 +284,7 @@ async def measure(system: System, scenario: str, paths: dict[str, Path], files: 
                   seconds: int, threads: int, profile: Path | None = None
                   ) -> tuple[report.WrkRun, list[float]]:
     if system.db_only:
-        return await run_db_only(system, files.large[0], 4, seconds), []
+        return await run_db_only(system, files.large[0], LARGE_CONNECTIONS, seconds), []
     pids = system.worker_pids()
     reset_peak_rss(pids)
     spy = None
@@ -294,7 +300,7 @@ async def measure(system: System, scenario: str, paths: dict[str, Path], files: 
     elif scenario == "not_modified":
         run = await run_wrk(system, paths["small"], 32, seconds, threads, inm=True)
     elif scenario == "large":
-        run = await run_wrk(system, paths["large"], 4, seconds, threads)
+        run = await run_wrk(system, paths["large"], LARGE_CONNECTIONS, seconds, threads)
     else:
         stop = asyncio.Event()
         readers = [asyncio.create_task(_slow_reader(system.port, files.large, i, stop))

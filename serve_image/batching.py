@@ -2,12 +2,12 @@
 
 A database round trip costs the worker far more CPU in the driver (sending
 the query, parsing the result's column descriptions) than the rows it
-brings: with aiomysql one small-file query costs about 110 µs of CPU, while
-fetching 8 files in one query costs about 25 µs per file (measured on the
-benchmark machine, see README "Performance"). So while a query is in flight,
-the requests that arrive wait for it to finish and then share one query:
-an idle server answers each request with its own query as before (no added
-latency), a busy one sends fewer, larger queries.
+brings: with asyncmy one small-file query cost 206 µs of CPU, while fetching
+8 files in one query cost 44 µs per file and 64 files 26 µs per file
+(measured on a benchmark machine, see README "Performance"). So while a
+query is in flight, the requests that arrive wait for it to finish and then
+share one query: an idle server answers each request with its own query as
+before (no added latency), a busy one sends fewer, larger queries.
 
 Two reads are batched: a file's row with its first chunk (`fetch_first`, a
 whole small file) and its row alone (`fetch_meta`, for 304, HEAD and ranges).
