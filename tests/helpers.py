@@ -1,13 +1,18 @@
-"""Test helpers: storing files with chosen chunks, a backend that counts its reads."""
+"""Test helpers: storing files with chosen chunks, a backend that counts its reads,
+an app started with an in-process client."""
 
 from __future__ import annotations
 
 import hashlib
 import random
 import socket
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from typing import Any
 
+import httpx
+
+from serve_image.app import ServeImage
 from serve_image.backends import Backend, Chunk, FileMeta
 
 IMG = "var/site/storage/images"
@@ -32,6 +37,19 @@ async def store(
     size = chunk or backend.settings.chunk_size
     parts = list(chunks) if chunks is not None else split(data, size)
     await backend.store(name, parts, size=len(data), mtime=mtime, datatype=datatype, scope="image")
+
+
+@asynccontextmanager
+async def running(app: ServeImage, base_url: str = "http://t") -> AsyncIterator[httpx.AsyncClient]:
+    """The app started, an httpx client that calls it in-process, and its shutdown
+    however the test ends."""
+    await app.startup()
+    try:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url=base_url) as client:
+            yield client
+    finally:
+        await app.shutdown()
 
 
 def free_port() -> int:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-import httpx
 import pytest
 
 from serve_image.app import ServeImage
@@ -13,7 +12,7 @@ from serve_image.backends import Backend, make_backend
 from serve_image.batching import BatchedReads
 from serve_image.errors import DatabaseUnavailable
 from serve_image.settings import Settings, settings_from_mapping
-from tests.helpers import IMG, SpyBackend, md5, payload, store
+from tests.helpers import IMG, SpyBackend, md5, payload, running, store
 
 
 class QuerySpy(SpyBackend):
@@ -124,14 +123,8 @@ async def test_concurrent_gets_through_the_endpoint_get_the_right_bytes(
     files = {f"{IMG}/{i}.jpg": payload(300 + i, seed=100 + i) for i in range(20)}
     for name, data in files.items():
         await store(writer, name, data)
-    app = ServeImage(settings)
-    await app.startup()
-    try:
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
-            paths = [*files, f"{IMG}/missing.jpg"]
-            responses = await asyncio.gather(*(client.get(f"/{p}") for p in paths))
-        assert [r.status_code for r in responses] == [200] * 20 + [404]
-        assert [r.content for r in responses[:20]] == list(files.values())
-    finally:
-        await app.shutdown()
+    async with running(ServeImage(settings)) as client:
+        paths = [*files, f"{IMG}/missing.jpg"]
+        responses = await asyncio.gather(*(client.get(f"/{p}") for p in paths))
+    assert [r.status_code for r in responses] == [200] * 20 + [404]
+    assert [r.content for r in responses[:20]] == list(files.values())

@@ -14,7 +14,7 @@ import pytest
 from serve_image.app import ServeImage
 from serve_image.backends import Backend, make_backend
 from serve_image.settings import Settings, settings_from_mapping
-from tests.helpers import IMG, SpyBackend, md5, payload, store
+from tests.helpers import IMG, SpyBackend, md5, payload, running, store
 
 MTIME = 1_700_000_000
 
@@ -309,48 +309,38 @@ async def test_database_down_is_fast_503(
 ) -> None:
     app = ServeImage(_down_settings(backend_name, str(tmp_path)))
     with caplog.at_level(logging.INFO):
-        await app.startup()  # start-up does not fail: the database may come back
-        try:
-            transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
-                for _ in range(3):
-                    t0 = time.monotonic()
-                    r = await c.get(f"/{IMG}/a.jpg")
-                    elapsed = time.monotonic() - t0
-                    assert r.status_code == 503
-                    assert r.headers["retry-after"] == "5"
-                    assert r.text == "503 Service Unavailable\n"
-                    assert elapsed < 4  # bounded by the connect timeout: never a hang
-                health = await c.get("/-/health")
-                assert health.status_code == 503
-                assert health.headers["cache-control"] == "no-store"
-        finally:
-            await app.shutdown()
+        # Start-up does not fail: the database may come back.
+        async with running(app) as c:
+            for _ in range(3):
+                t0 = time.monotonic()
+                r = await c.get(f"/{IMG}/a.jpg")
+                elapsed = time.monotonic() - t0
+                assert r.status_code == 503
+                assert r.headers["retry-after"] == "5"
+                assert r.text == "503 Service Unavailable\n"
+                assert elapsed < 4  # bounded by the connect timeout: never a hang
+            health = await c.get("/-/health")
+            assert health.status_code == 503
+            assert health.headers["cache-control"] == "no-store"
     assert "database unavailable" in caplog.text
     assert "s3cr3t-pw" not in caplog.text
 
 
 async def test_recovers_when_database_returns(tmp_path: Any) -> None:
     settings = settings_from_mapping({"STORAGE_DB": str(tmp_path / "later.sqlite")}, "<t>")
-    app = ServeImage(settings)
-    await app.startup()
-    try:
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
-            assert (await c.get(f"/{IMG}/a.jpg")).status_code == 503
-            writer = make_backend(settings)
-            await writer.connect()
-            await writer.create_tables()
-            await store(writer, f"{IMG}/a.jpg", b"back")
-            await writer.close()
-            import asyncio
+    async with running(ServeImage(settings)) as c:
+        assert (await c.get(f"/{IMG}/a.jpg")).status_code == 503
+        writer = make_backend(settings)
+        await writer.connect()
+        await writer.create_tables()
+        await store(writer, f"{IMG}/a.jpg", b"back")
+        await writer.close()
+        import asyncio
 
-            await asyncio.sleep(0.3)  # the breaker's 0.25 s
-            r = await c.get(f"/{IMG}/a.jpg")
-            assert (r.status_code, r.content) == (200, b"back")
-            assert (await c.get("/-/health")).status_code == 200
-    finally:
-        await app.shutdown()
+        await asyncio.sleep(0.3)  # the breaker's 0.25 s
+        r = await c.get(f"/{IMG}/a.jpg")
+        assert (r.status_code, r.content) == (200, b"back")
+        assert (await c.get("/-/health")).status_code == 200
 
 
 async def test_health_ok(client: httpx.AsyncClient) -> None:

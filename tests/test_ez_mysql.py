@@ -19,7 +19,7 @@ import pytest
 from serve_image.app import ServeImage
 from serve_image.settings import Settings, settings_from_mapping
 from tests.conftest import DatabaseFactory
-from tests.helpers import payload
+from tests.helpers import payload, running
 
 pytestmark = pytest.mark.mysql
 
@@ -128,12 +128,8 @@ async def ez_site(databases: DatabaseFactory) -> AsyncIterator[tuple[Settings, A
 
 @pytest.fixture
 async def ez_client(ez_site: tuple[Settings, Any]) -> AsyncIterator[httpx.AsyncClient]:
-    app = ServeImage(ez_site[0])
-    await app.startup()
-    transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as c:
+    async with running(ServeImage(ez_site[0]), "http://testserver") as c:
         yield c
-    await app.shutdown()
 
 
 async def test_rows_are_as_ez_wrote_them(ez_site: tuple[Settings, Any]) -> None:

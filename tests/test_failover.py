@@ -31,7 +31,7 @@ from serve_image.failover import Failover
 from serve_image.settings import Settings, settings_from_mapping
 from tests.conftest import DatabaseFactory
 from tests.dbservers import MariaDB, PostgreSQL, Server
-from tests.helpers import IMG, SpyBackend, free_port, md5, payload, store
+from tests.helpers import IMG, SpyBackend, free_port, md5, payload, running, store
 from tests.live import RawClient, uvicorn_server
 
 pytestmark = pytest.mark.slow
@@ -186,39 +186,35 @@ async def test_all_servers_down_fast_503_then_recovery(
 ) -> None:
     """Every server down: 503 with Retry-After at once, no queue; back within a second."""
     dead = f"127.0.0.1:{free_port()}"
-    app = await _start(await _two_host_site(databases, own_server, second=dead))
-    try:
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
-            assert (await c.get(f"/{SMALL}")).status_code == 200
-            await asyncio.to_thread(own_server.kill)
-            first = await c.get(f"/{SMALL}")  # finds both servers down
-            assert first.status_code == 503
+    app = ServeImage(await _two_host_site(databases, own_server, second=dead))
+    async with running(app) as c:
+        assert (await c.get(f"/{SMALL}")).status_code == 200
+        await asyncio.to_thread(own_server.kill)
+        first = await c.get(f"/{SMALL}")  # finds both servers down
+        assert first.status_code == 503
 
-            async def timed() -> tuple[float, httpx.Response]:
-                t0 = time.perf_counter()
-                r = await c.get(f"/{SMALL}")
-                return time.perf_counter() - t0, r
+        async def timed() -> tuple[float, httpx.Response]:
+            t0 = time.perf_counter()
+            r = await c.get(f"/{SMALL}")
+            return time.perf_counter() - t0, r
 
-            timings: list[float] = []
-            for _ in range(10):  # 10 bursts of 20 concurrent requests
-                for seconds, r in await asyncio.gather(*(timed() for _ in range(20))):
-                    assert r.status_code == 503
-                    assert r.headers["retry-after"] == "5"
-                    assert r.text == "503 Service Unavailable\n"
-                    timings.append(seconds)
-            health = await c.get("/-/health")
-            assert health.status_code == 503
+        timings: list[float] = []
+        for _ in range(10):  # 10 bursts of 20 concurrent requests
+            for seconds, r in await asyncio.gather(*(timed() for _ in range(20))):
+                assert r.status_code == 503
+                assert r.headers["retry-after"] == "5"
+                assert r.text == "503 Service Unavailable\n"
+                timings.append(seconds)
+        health = await c.get("/-/health")
+        assert health.status_code == 503
 
-            await asyncio.to_thread(own_server.start)
-            t_back = time.monotonic()
-            while (await c.get(f"/{SMALL}")).status_code != 200:
-                assert time.monotonic() - t_back < 5, "never recovered"
-                await asyncio.sleep(0.01)
-            recovery = time.monotonic() - t_back
-            assert (await c.get(f"/{SMALL}")).content == SMALL_DATA
-    finally:
-        await app.shutdown()
+        await asyncio.to_thread(own_server.start)
+        t_back = time.monotonic()
+        while (await c.get(f"/{SMALL}")).status_code != 200:
+            assert time.monotonic() - t_back < 5, "never recovered"
+            await asyncio.sleep(0.01)
+        recovery = time.monotonic() - t_back
+        assert (await c.get(f"/{SMALL}")).content == SMALL_DATA
     p50, p99 = statistics.median(timings), percentile(timings, 99)
     figure(f"{_backend_of(own_server)} all down",
            f"503 p50 {p50 * 1000:.2f} ms, p99 {p99 * 1000:.2f} ms over {len(timings)}; "
@@ -389,23 +385,19 @@ async def test_connection_killed_before_first_byte_is_retried(
     big_sites: dict[str, Settings], driver_backend: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     settings = big_sites[driver_backend]
-    app = await _start(settings)
+    app = ServeImage(settings)
     locker = Locker(settings.backend, settings)
-    try:
+    async with running(app) as c:
         await locker.lock()
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
-            request = asyncio.create_task(c.get(f"/{SMALL}"))
-            with caplog.at_level(logging.WARNING, "serve_image.failover"):
-                ids = await locker.wait_blocked()
-                await locker.kill(ids[0])
-                await locker.unlock()
-                r = await asyncio.wait_for(request, 10)
+        request = asyncio.create_task(c.get(f"/{SMALL}"))
+        with caplog.at_level(logging.WARNING, "serve_image.failover"):
+            ids = await locker.wait_blocked()
+            await locker.kill(ids[0])
+            await locker.unlock()
+            r = await asyncio.wait_for(request, 10)
         assert r.status_code == 200
         assert r.content == SMALL_DATA
         assert [rec.message.startswith("query failed") for rec in caplog.records] == [True]
-    finally:
-        await app.shutdown()
 
 
 async def test_pool_exhausted_is_bounded_503(
@@ -414,28 +406,24 @@ async def test_pool_exhausted_is_bounded_503(
     settings = await _big_site(
         databases, driver_backend, STORAGE_POOL_SIZE=1, STORAGE_ACQUIRE_TIMEOUT=0.3
     )
-    app = await _start(settings)
+    app = ServeImage(settings)
     locker = Locker(settings.backend, settings)
-    try:
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
-            await locker.lock()
-            holder = asyncio.create_task(c.get(f"/{SMALL}"))  # takes the one connection
-            await locker.wait_blocked()
-            t0 = time.monotonic()
-            r = await c.get(f"/{SMALL}")
-            waited = time.monotonic() - t0
-            assert r.status_code == 503
-            assert r.headers["retry-after"] == "5"
-            assert 0.25 < waited < 2.0  # the acquire timeout, then 503
-            # Busy is not down: the server is not put aside.
-            assert app.backend.failover.status()[0][1] is True  # type: ignore[attr-defined]
-            await locker.unlock()
-            held = await asyncio.wait_for(holder, 10)
-            assert held.status_code == 200
-            assert held.content == SMALL_DATA
-    finally:
-        await app.shutdown()
+    async with running(app) as c:
+        await locker.lock()
+        holder = asyncio.create_task(c.get(f"/{SMALL}"))  # takes the one connection
+        await locker.wait_blocked()
+        t0 = time.monotonic()
+        r = await c.get(f"/{SMALL}")
+        waited = time.monotonic() - t0
+        assert r.status_code == 503
+        assert r.headers["retry-after"] == "5"
+        assert 0.25 < waited < 2.0  # the acquire timeout, then 503
+        # Busy is not down: the server is not put aside.
+        assert app.backend.failover.status()[0][1] is True  # type: ignore[attr-defined]
+        await locker.unlock()
+        held = await asyncio.wait_for(holder, 10)
+        assert held.status_code == 200
+        assert held.content == SMALL_DATA
 
 
 async def test_read_that_never_answers_is_a_bounded_503(
@@ -443,26 +431,22 @@ async def test_read_that_never_answers_is_a_bounded_503(
 ) -> None:
     """STORAGE_QUERY_TIMEOUT: a read stuck on the server (here a lock) never holds the request."""
     settings = await _big_site(databases, driver_backend, STORAGE_QUERY_TIMEOUT=0.3)
-    app = await _start(settings)
+    app = ServeImage(settings)
     locker = Locker(settings.backend, settings)
-    try:
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
-            await locker.lock()
-            t0 = time.monotonic()
-            r = await c.get(f"/{SMALL}")
-            waited = time.monotonic() - t0
-            assert r.status_code == 503
-            assert r.headers["retry-after"] == "5"
-            # The timeout once (a timed-out read is not tried again), never the lock's length.
-            assert 0.25 < waited < 1.5
-            # A stuck query is not a server down: it is not put aside.
-            assert app.backend.failover.status()[0][1] is True  # type: ignore[attr-defined]
-            await locker.unlock()
-            r = await c.get(f"/{SMALL}")
-            assert (r.status_code, r.content) == (200, SMALL_DATA)
-    finally:
-        await app.shutdown()
+    async with running(app) as c:
+        await locker.lock()
+        t0 = time.monotonic()
+        r = await c.get(f"/{SMALL}")
+        waited = time.monotonic() - t0
+        assert r.status_code == 503
+        assert r.headers["retry-after"] == "5"
+        # The timeout once (a timed-out read is not tried again), never the lock's length.
+        assert 0.25 < waited < 1.5
+        # A stuck query is not a server down: it is not put aside.
+        assert app.backend.failover.status()[0][1] is True  # type: ignore[attr-defined]
+        await locker.unlock()
+        r = await c.get(f"/{SMALL}")
+        assert (r.status_code, r.content) == (200, SMALL_DATA)
 
 
 async def test_slow_clients_do_not_starve_quick_ones(

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from serve_image.app import ServeImage
 from serve_image.backends import Backend
 from serve_image.settings import Settings, settings_from_mapping
-from tests.helpers import IMG, SpyBackend, free_port, payload, store
+from tests.helpers import IMG, SpyBackend, free_port, payload, running, store
 from tests.live import call, uvicorn_server
 
 DATA = payload(5000, seed=7)
@@ -248,16 +248,10 @@ async def test_logs_and_answers_never_show_the_password(
     else:
         values["STORAGE_PORT"] = 3306 if backend == "mysql" else 5432
     settings = settings_from_mapping(values, f"sites/{case}.py")
-    app = ServeImage(settings)
     with caplog.at_level(logging.DEBUG):
-        await app.startup()
-        try:
-            transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
-                responses = [await c.get(f"/{IMG}/a.jpg"), await c.get("/-/health"),
-                             await c.get(f"/{IMG}/a.jpg", headers={"range": "bytes=0-1"})]
-        finally:
-            await app.shutdown()
+        async with running(ServeImage(settings)) as c:
+            responses = [await c.get(f"/{IMG}/a.jpg"), await c.get("/-/health"),
+                         await c.get(f"/{IMG}/a.jpg", headers={"range": "bytes=0-1"})]
     assert [r.status_code for r in responses] == [503, 503, 503]
     assert "database unavailable" in caplog.text
     for r in responses:

@@ -22,7 +22,7 @@ from serve_image.backends import Backend
 from serve_image.cli import main
 from serve_image.commands.local import prune
 from serve_image.settings import Settings, SiteConfigError, load_site
-from tests.helpers import IMG, md5, payload, store
+from tests.helpers import IMG, md5, payload, running, store
 
 MTIME = 1_700_000_000
 sqlite_only = pytest.mark.parametrize("backend_name", ["sqlite"])
@@ -41,13 +41,8 @@ async def serving(
 ) -> AsyncIterator[tuple[ServeImage, httpx.AsyncClient]]:
     s = dataclasses.replace(settings, local_copy_dir=str(root), local_copy_max_bytes=max_bytes)
     app = ServeImage(s)
-    await app.startup()
-    try:
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as c:
-            yield app, c
-    finally:
-        await app.shutdown()
+    async with running(app, "http://testserver") as c:
+        yield app, c
 
 
 async def drain(app: ServeImage) -> None:

@@ -14,7 +14,7 @@ from serve_image.app import ServeImage
 from serve_image.backends import Backend, make_backend
 from serve_image.settings import Settings, SiteConfigError, settings_from_mapping
 from tests.conftest import DatabaseFactory
-from tests.helpers import IMG, free_port, payload, store
+from tests.helpers import IMG, free_port, payload, running, store
 
 pytestmark = pytest.mark.mysql
 
@@ -31,12 +31,8 @@ async def aiomysql_site(databases: DatabaseFactory) -> AsyncIterator[tuple[Setti
 
 @pytest.fixture
 async def client(aiomysql_site: tuple[Settings, Backend]) -> AsyncIterator[httpx.AsyncClient]:
-    app = ServeImage(aiomysql_site[0])
-    await app.startup()
-    transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+    async with running(ServeImage(aiomysql_site[0])) as c:
         yield c
-    await app.shutdown()
 
 
 async def test_files_of_one_and_of_many_chunks_are_served_whole(
@@ -73,16 +69,10 @@ async def test_unreachable_server_is_a_fast_503() -> None:
          "STORAGE_DB": "x", "STORAGE_CONNECT_TIMEOUT": 1},
         "<test>", "test",
     )
-    app = ServeImage(settings)
-    await app.startup()
-    try:
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
-            r = await c.get(f"/{IMG}/a.jpg")
-        assert r.status_code == 503
-        assert r.headers["retry-after"] == "5"
-    finally:
-        await app.shutdown()
+    async with running(ServeImage(settings)) as c:
+        r = await c.get(f"/{IMG}/a.jpg")
+    assert r.status_code == 503
+    assert r.headers["retry-after"] == "5"
 
 
 @pytest.mark.parametrize(

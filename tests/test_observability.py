@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from serve_image.app import ServeImage
 from serve_image.backends import Backend
 from serve_image.settings import Settings, settings_from_mapping
-from tests.helpers import IMG, free_port, payload, store
+from tests.helpers import IMG, free_port, payload, running, store
 from tests.live import call
 
 DATA = payload(2500, seed=3)
@@ -32,11 +32,8 @@ async def observed(settings: Settings, writer: Backend, request: pytest.FixtureR
     await store(writer, A[1:], DATA)
     changes = getattr(request, "param", {})
     app = ServeImage(dataclasses.replace(settings, **changes))
-    await app.startup()
-    transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+    async with running(app) as c:
         yield app, c
-    await app.shutdown()
 
 
 def access_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
@@ -154,16 +151,10 @@ async def test_metrics_show_a_server_put_aside(settings: Settings, writer: Backe
          "METRICS_PATH": "/-/metrics", "STORAGE_RETRY_INTERVAL": 60},
         "<two>",
     )
-    app = ServeImage(two)
-    await app.startup()
-    try:
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
-            r = await c.get(A)
-            assert (r.status_code, r.content) == (200, DATA)
-            m = samples((await c.get("/-/metrics")).text)
-    finally:
-        await app.shutdown()
+    async with running(ServeImage(two)) as c:
+        r = await c.get(A)
+        assert (r.status_code, r.content) == (200, DATA)
+        m = samples((await c.get("/-/metrics")).text)
     assert m[("serve_image_db_host_up", (("host", dead),))] == 0
     assert m[("serve_image_db_host_up", (("host", live),))] == 1
 
