@@ -15,13 +15,14 @@ machine; serve-image's over its own are what the database reads cost.
 
 from __future__ import annotations
 
-import hashlib
 import os
-import time
 from collections.abc import Awaitable, Callable, MutableMapping
-from email.utils import formatdate
 from pathlib import Path
 from typing import Any
+
+from serve_image.backends.base import name_hash
+from serve_image.conditional import http_date, make_etag
+from serve_image.headers import Clock
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -36,16 +37,7 @@ class HttpOnly:
         self.root = root.resolve()
         # path -> (pieces of the body, headers but Expires, etag)
         self.files: dict[str, tuple[list[bytes], list[tuple[bytes, bytes]], bytes]] = {}
-        self._second = -1
-        self._expires = (b"expires", b"")
-
-    def expires(self) -> tuple[bytes, bytes]:
-        """Formatted once a second, as serve-image does."""
-        now = int(time.time())
-        if now != self._second:
-            self._second = now
-            self._expires = (b"expires", formatdate(now + 86400, usegmt=True).encode())
-        return self._expires
+        self.clock = Clock(86400)  # serve-image's Expires, formatted once a second
 
     def _load(self, path: str) -> tuple[list[bytes], list[tuple[bytes, bytes]], bytes] | None:
         found = self.files.get(path)
@@ -56,11 +48,11 @@ class HttpOnly:
             return None
         body = target.read_bytes()
         mtime = int(target.stat().st_mtime)
-        etag = f'"{mtime:x}-{len(body):x}-{hashlib.md5(path.encode()).hexdigest()[:8]}"'.encode()
+        etag = make_etag(name_hash(path.lstrip("/")), mtime, len(body)).encode()
         headers = [
             (b"content-type", b"image/jpeg"), (b"x-content-type-options", b"nosniff"),
             (b"accept-ranges", b"bytes"), (b"cache-control", b"public, max-age=86400"),
-            (b"etag", etag), (b"last-modified", formatdate(mtime, usegmt=True).encode()),
+            (b"etag", etag), (b"last-modified", http_date(mtime).encode()),
             (b"content-length", str(len(body)).encode()),
         ]
         pieces = [body[i:i + PIECE] for i in range(0, len(body), PIECE)] or [b""]
@@ -77,7 +69,7 @@ class HttpOnly:
             await send({"type": "http.response.body", "body": b""})
             return
         pieces, headers, etag = found
-        expires = self.expires()
+        expires = (b"expires", self.clock.expires())
         for key, value in scope["headers"]:
             if key == b"if-none-match" and value == etag:
                 await send({"type": "http.response.start", "status": 304,
