@@ -59,9 +59,9 @@ async def run(site: str, name: str, seconds: float, connections: int) -> dict[st
         elapsed = time.perf_counter() - start
     finally:
         await backend.close()
-    cuts = statistics.quantiles(latencies, n=100) if len(latencies) > 1 else latencies * 99
-    if not cuts:
-        cuts = [0.0] * 99
+    # Percentiles need two samples; a round with fewer reports what it has.
+    cuts = (statistics.quantiles(latencies, n=100) if len(latencies) > 1
+            else (latencies or [0.0]) * 99)
     return {
         "requests": len(latencies), "bytes": total, "duration_us": int(elapsed * 1e6),
         "errors": {"connect": 0, "read": errors, "write": 0, "status": 0, "timeout": 0},

@@ -83,6 +83,11 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return round(a / b, 3)
 
 
+def is_ceiling(name: str) -> bool:
+    """One half of serve-image measured alone: `http-only` or `db-only-<backend>`."""
+    return name == "http-only" or name.startswith("db-only-")
+
+
 def ratios(summaries: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> dict[str, dict[str, Any]]:
     """serve-image / nginx and serve-image / naive (same backend), per system and scenario.
 
@@ -98,7 +103,7 @@ def ratios(summaries: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> dict[str
         figure = RATIO_FIGURE[scenario]
         nginx = systems.get("nginx", {}).get(figure)
         for name, s in systems.items():
-            if name.startswith("db-only-") or name == "http-only":
+            if is_ceiling(name):
                 out.setdefault(scenario, {})[name] = {
                     "figure": figure, "vs_nginx": ratio(s.get(figure), nginx), "vs_naive": None,
                 }
@@ -216,7 +221,7 @@ def chart(report: Mapping[str, Any], path: str, order: Sequence[str]) -> None:
         names = [n for n in order if n in systems]
         values = [systems[n][key] or 0 for n in names]
         colours = ["#888888" if n == "nginx" else "#c44e52" if n.startswith("naive")
-                   else "#bbbbbb" if n == "http-only" or n.startswith("db-only-")
+                   else "#bbbbbb" if is_ceiling(n)
                    else "#4c72b0" for n in names]
         ax.barh(names, values, color=colours)
         ax.invert_yaxis()
