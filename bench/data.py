@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from serve_image.backends import make_backend
 from serve_image.settings import settings_from_mapping
+from serve_image.storage import make_layout
 from tests.servers import create_database, drop_database, server_constants
 
 SMALL_COUNT, SMALL_SIZE = 1000, 10 * 1024
@@ -83,8 +83,8 @@ async def fill(constants: dict[str, Any], root: Path, files: BenchFiles) -> None
     settings = settings_from_mapping(
         {**constants, "STORAGE_CHUNK_SIZE": CHUNK_SIZE, "STORAGE_POOL_SIZE": 4}, "<bench>", "bench"
     )
-    backend = make_backend(settings)
-    await backend.connect()
+    layout = make_layout(settings)
+    await layout.connect()
     # SQLite has one writer at a time: concurrent stores would wait on its lock.
     slots = asyncio.Semaphore(1 if settings.backend == "sqlite" else 4)
 
@@ -92,13 +92,13 @@ async def fill(constants: dict[str, Any], root: Path, files: BenchFiles) -> None
         async with slots:
             data = (root / name).read_bytes()
             parts = [data[i:i + CHUNK_SIZE] for i in range(0, len(data), CHUNK_SIZE)]
-            await backend.store(name, parts, size=len(data), mtime=MTIME,
+            await layout.store(name, parts, size=len(data), mtime=MTIME,
                                 datatype="image/jpeg", scope="image")
 
     try:
-        await backend.create_tables()
+        await layout.create_tables()
         await asyncio.gather(*(store(n) for n in files.small + files.large))
         for statement in SETTLE[settings.backend]:
-            await backend.execute(statement)
+            await layout.driver.execute(statement)
     finally:
-        await backend.close()
+        await layout.close()

@@ -23,15 +23,14 @@ from contextlib import aclosing
 
 import uvloop
 
-from serve_image.backends import make_backend
-from serve_image.backends.base import name_hash, read_range
 from serve_image.settings import load_site
+from serve_image.storage import make_layout, name_hash
 
 
 async def run(site: str, name: str, seconds: float, connections: int) -> dict[str, object]:
     settings = load_site(site)
-    backend = make_backend(settings, readonly=True)
-    await backend.connect()
+    layout = make_layout(settings, readonly=True)
+    await layout.connect()
     key = name_hash(name)
     latencies: list[float] = []
     total = 0
@@ -41,11 +40,11 @@ async def run(site: str, name: str, seconds: float, connections: int) -> dict[st
         nonlocal total, errors
         while time.perf_counter() < stop:
             started = time.perf_counter()
-            meta = await backend.fetch_meta(key)
+            meta = await layout.meta(key)
             if meta is None:
                 raise SystemExit(f"bench.db_only: {name} is not stored in {settings.describe()}")
             got = 0
-            async with aclosing(read_range(backend, meta, 0, meta.size - 1)) as pieces:
+            async with aclosing(layout.read(meta, 0, meta.size - 1)) as pieces:
                 async for piece in pieces:
                     got += len(piece)
             if got != meta.size:
@@ -58,7 +57,7 @@ async def run(site: str, name: str, seconds: float, connections: int) -> dict[st
         await asyncio.gather(*(reader(start + seconds) for _ in range(connections)))
         elapsed = time.perf_counter() - start
     finally:
-        await backend.close()
+        await layout.close()
     # Percentiles need two samples; a round with fewer reports what it has.
     cuts = (statistics.quantiles(latencies, n=100) if len(latencies) > 1
             else (latencies or [0.0]) * 99)

@@ -50,12 +50,12 @@ def serve_image(*argv: str | Path) -> subprocess.CompletedProcess[str]:
 def empty_tables(site: Path, backend: str) -> None:
     code = (
         "import asyncio, sys\n"
-        "from serve_image.backends import make_backend\n"
+        "from serve_image.storage import make_layout\n"
         "from serve_image.settings import load_site\n"
         "async def main():\n"
-        "    b = make_backend(load_site(sys.argv[1])); await b.connect()\n"
-        "    await b.execute('DELETE FROM ezdbfile_data')\n"
-        "    await b.execute('DELETE FROM ezdbfile')\n"
+        "    b = make_layout(load_site(sys.argv[1])); await b.connect()\n"
+        "    await b.driver.execute('DELETE FROM ezdbfile_data')\n"
+        "    await b.driver.execute('DELETE FROM ezdbfile')\n"
         "    await b.close()\n"
         "asyncio.run(main())\n"
     )

@@ -17,8 +17,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import aiosqlite
 
-from serve_image.backends import make_backend, sql
 from serve_image.settings import settings_from_mapping
+from serve_image.storage import make_layout
+from serve_image.storage.layouts.chunks import FIRST
 from tests.helpers import payload, store
 
 DB = Path(tempfile.gettempdir()) / "sqlite_driver_bench.sqlite"
@@ -40,7 +41,7 @@ async def rate(fn: Callable[[str], Awaitable[object]], hashes: list[str]) -> flo
 async def main() -> None:
     DB.unlink(missing_ok=True)
     s = settings_from_mapping({"STORAGE_DB": str(DB)}, "<bench>")
-    w = make_backend(s)
+    w = make_layout(s)
     await w.connect()
     await w.create_tables()
     names = [f"var/s/storage/images/{i}.jpg" for i in range(1000)]
@@ -49,9 +50,9 @@ async def main() -> None:
     await w.close()
     hashes = [hashlib.md5(n.encode()).hexdigest() for n in names]
 
-    r = make_backend(s, readonly=True)
+    r = make_layout(s, readonly=True)
     await r.connect()
-    pool_rate = await rate(r.fetch_first, hashes)
+    pool_rate = await rate(r.first, hashes)
     await r.close()
 
     conns = [await aiosqlite.connect(f"file:{DB}?mode=ro", uri=True) for _ in range(10)]
@@ -62,7 +63,7 @@ async def main() -> None:
     async def aio(h: str) -> None:
         c = await free.get()
         try:
-            async with c.execute(sql.FIRST, (h,)) as cur:
+            async with c.execute(FIRST, (h,)) as cur:
                 await cur.fetchone()
         finally:
             free.put_nowait(c)

@@ -10,55 +10,94 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
-from serve_image.backends import Backend, make_backend
 from serve_image.endpoint import ImageEndpoint, Receive, Scope, Send
-from serve_image.errors import DatabaseUnavailable, HTTPError
+from serve_image.errors import (
+    BadRequest,
+    MethodNotAllowed,
+    NotFound,
+    PreconditionFailed,
+    RequestRefused,
+    URITooLong,
+)
+from serve_image.localcopy import LocalCopies
 from serve_image.observability import observer_for
+from serve_image.paths import is_image_path
 from serve_image.ranges import RangeNotSatisfiable
 from serve_image.settings import Settings, load_site
+from serve_image.storage import (
+    DatabaseUnavailable,
+    FileUnavailable,
+    Layout,
+    StatementFailed,
+    StorageError,
+    make_layout,
+)
 
 logger = logging.getLogger("serve_image")
 
 HEALTH_PATH = "/-/health"
 
+# Why a file is not sent -> the status and reason phrase of the answer.
+STATUSES: dict[type[Exception], tuple[int, str]] = {
+    BadRequest: (400, "Bad Request"),
+    NotFound: (404, "Not Found"),
+    MethodNotAllowed: (405, "Method Not Allowed"),
+    PreconditionFailed: (412, "Precondition Failed"),
+    URITooLong: (414, "URI Too Long"),
+    RangeNotSatisfiable: (416, "Range Not Satisfiable"),
+    # A refused statement on the request path is our bug, not an outage.
+    StatementFailed: (500, "Internal Server Error"),
+    DatabaseUnavailable: (503, "Service Unavailable"),
+    # A DFS row whose file is being written, or a mount that does not answer.
+    FileUnavailable: (503, "Service Unavailable"),
+}
+
+
+def status_of(error: Exception) -> tuple[int, str]:
+    for cls in type(error).__mro__:
+        if cls in STATUSES:
+            return STATUSES[cls]
+    raise TypeError(f"no status for {type(error).__name__}")  # a programmer's error
+
 
 class ServeImage:
-    """One site: its settings, its backend's pool, and the file endpoint."""
+    """One site: its settings, its storage's pools, and the file endpoint."""
 
-    def __init__(self, settings: Settings, backend: Backend | None = None) -> None:
+    def __init__(self, settings: Settings, layout: Layout | None = None) -> None:
         self.settings = settings
-        self.backend = backend or make_backend(settings, readonly=True)
-        self.endpoint = ImageEndpoint(settings, self.backend)
+        self.layout = layout or make_layout(settings, readonly=True)
+        # LOCAL_COPY_DIR: files served whole are copied to disk after the response.
+        self.local_copies = LocalCopies.for_site(settings, self.layout)
+        self.endpoint = ImageEndpoint(settings, self.layout, self.local_copies)
         # None unless ACCESS_LOG or METRICS_PATH is set: then nothing wraps a request.
-        self.observer = observer_for(settings, self.backend)
+        self.observer = observer_for(settings)
         routes = [Route(HEALTH_PATH, self.health, methods=["GET", "HEAD"])]
         if self.observer is not None and self.observer.metrics is not None:
+            self.layout.observe(self.observer.metrics)
             routes.append(Route(settings.metrics_path or "", self.observer.metrics.endpoint))
         # Everything that is not a file goes through Starlette: the health
         # check now, admin routes later. No image path ever reaches it.
         self.other = Starlette(routes=routes)
-        self.error_headers = {
-            503: [(b"retry-after", str(settings.retry_after).encode()),
-                  (b"cache-control", b"no-store")],
-            405: [(b"allow", b"GET, HEAD")],
-        }
+        unavailable = [(b"retry-after", str(settings.retry_after).encode()),
+                       (b"cache-control", b"no-store")]
+        self.error_headers = {503: unavailable, 405: [(b"allow", b"GET, HEAD")]}
 
     async def startup(self) -> None:
-        await self.backend.connect()
+        await self.layout.connect()
         try:
-            await self.backend.ping()
-        except DatabaseUnavailable:
+            await self.layout.ping()
+        except StorageError:
             logger.warning(
-                "%s: database not reachable at start-up; answering 503 until it is",
+                "%s: storage not reachable at start-up; answering 503 until it is",
                 self.settings.describe(),
             )
         else:
             logger.info("serving %s from %s", self.settings.name, self.settings.describe())
 
     async def shutdown(self) -> None:
-        if self.endpoint.local_copies is not None:
-            await self.endpoint.local_copies.close()  # before the pool it reads from
-        await self.backend.close()
+        if self.local_copies is not None:
+            await self.local_copies.close()  # before the pool it reads from
+        await self.layout.close()
         if self.observer is not None:
             self.observer.close()
         logger.info("%s: database pools closed", self.settings.describe())
@@ -73,19 +112,21 @@ class ServeImage:
             await self.lifespan(receive, send)
 
     async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """A file from the database; anything else goes to the Starlette routes."""
-        if scope["path"].startswith("/var/"):
-            try:
-                await self.endpoint(scope, receive, send)
-            except HTTPError as e:
-                await self.send_error(send, e.status, e.text)
-            except RangeNotSatisfiable as e:
-                await self.send_error(
-                    send, 416, "Range Not Satisfiable",
-                    [(b"content-range", f"bytes */{e.size}".encode())],
-                )
+        """A stored file; anything else goes to the Starlette routes."""
+        if not is_image_path(scope["path"]):
+            await self.other(scope, receive, send)
             return
-        await self.other(scope, receive, send)
+        try:
+            await self.endpoint(scope, receive, send)
+        except (RequestRefused, RangeNotSatisfiable, StatementFailed, DatabaseUnavailable,
+                FileUnavailable) as e:
+            if isinstance(e, FileUnavailable):
+                logger.warning("503 for %s: %s", scope["path"], e)
+            extra = (
+                [(b"content-range", f"bytes */{e.size}".encode())]
+                if isinstance(e, RangeNotSatisfiable) else []
+            )
+            await self.send_error(send, *status_of(e), extra)
 
     async def send_error(
         self, send: Send, status: int, text: str, extra: list[tuple[bytes, bytes]] | None = None
@@ -118,12 +159,12 @@ class ServeImage:
                 return
 
     async def health(self, request: Request) -> Response:
-        """For load balancers: 200 when the database answers, else 503."""
+        """For load balancers: 200 when files can be served, else 503."""
         try:
-            await self.backend.ping()
-        except DatabaseUnavailable:
+            await self.layout.ping()
+        except StorageError:
             return PlainTextResponse(
-                "database unavailable\n", 503,
+                "storage unavailable\n", 503,
                 headers={"retry-after": str(self.settings.retry_after),
                          "cache-control": "no-store"},
             )
@@ -144,5 +185,3 @@ def from_environment() -> ServeImage:
     if not site:
         raise SystemExit("serve-image: set SERVE_IMAGE_SITE to a site name or file")
     return create_app(site)
-
-

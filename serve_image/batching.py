@@ -2,63 +2,31 @@
 
 A database round trip costs the worker far more CPU in the driver (sending
 the query, parsing the result's column descriptions) than the rows it
-brings: with asyncmy one small-file query cost 206 µs of CPU, while fetching
-8 files in one query cost 44 µs per file and 64 files 26 µs per file
-(measured on a benchmark machine, see README "Performance"). So while a
-query is in flight, the requests that arrive wait for it to finish and then
-share one query: an idle server answers each request with its own query as
-before (no added latency), a busy one sends fewer, larger queries.
+brings, so a query for many files costs much less per file than one query
+each (bench/README.md has the figures). So while a query is in flight, the
+requests that arrive wait for it to finish and then share one query: an
+idle server answers each request with its own query as before (no added
+latency), a busy one sends fewer, larger queries.
 
-Two reads are batched: a file's row with its first chunk (`fetch_first`, a
-whole small file) and its row alone (`fetch_meta`, for 304, HEAD and ranges).
-The queries are written for the ezdbfile + ezdbfile_data layout.
+Two reads are batched, for any layout: a file's row with its first bytes
+(`first`, a whole small file) and its row alone (`meta`, for 304, HEAD and
+ranges).
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Generic, TypeVar
+from typing import Generic, TypeVar
 
-from serve_image.backends import Backend, FileMeta
+from serve_image.storage import FileMeta, First, Layout
 
 T = TypeVar("T")
-First = tuple[FileMeta, bytes | None]
 
-# Most names in one query. Batch sizes are rounded up to a power of two (the
-# last name repeated) so a driver that prepares statements sees at most
-# seven distinct ones.
+# Most names in one query.
 MAX_BATCH = 64
 # Queries in flight at once: one on the server while the next batch gathers.
 MAX_IN_FLIGHT = 2
-
-
-def _marks(count: int) -> str:
-    return ", ".join("?" * count)
-
-
-def first_many(count: int) -> str:
-    """The rows and first chunks of `count` files, in sql.py's dialect."""
-    return (
-        "SELECT f.name_hash, f.datatype, f.size, f.mtime, f.expired, d.filedata FROM ezdbfile f "
-        'LEFT JOIN ezdbfile_data d ON d.name_hash = f.name_hash AND d."offset" = 0 '
-        f"WHERE f.name_hash IN ({_marks(count)})"
-    )
-
-
-def meta_many(count: int) -> str:
-    """The rows of `count` files, in sql.py's dialect."""
-    return (
-        "SELECT name_hash, datatype, size, mtime, expired FROM ezdbfile "
-        f"WHERE name_hash IN ({_marks(count)})"
-    )
-
-
-def _padded(keys: Sequence[str]) -> list[str]:
-    size = 1
-    while size < len(keys):
-        size *= 2
-    return [*keys, *[keys[-1]] * (size - len(keys))]
 
 
 class Batcher(Generic[T]):
@@ -67,7 +35,7 @@ class Batcher(Generic[T]):
     def __init__(
         self,
         one: Callable[[str], Awaitable[T | None]],
-        many: Callable[[list[str]], Awaitable[dict[str, T]]],
+        many: Callable[[Sequence[str]], Awaitable[dict[str, T]]],
     ) -> None:
         self.one = one
         self.many = many
@@ -124,23 +92,10 @@ class Batcher(Generic[T]):
             self._flush()
 
 
-def _meta(row: Sequence[Any]) -> FileMeta:
-    return FileMeta(row[0], row[1], row[2], row[3], bool(row[4]))
-
 
 class BatchedReads:
-    """`fetch_first` and `fetch_meta` of a backend, batched while the database is busy."""
+    """`first` and `meta` of a layout, batched while the database is busy."""
 
-    def __init__(self, backend: Backend) -> None:
-        self.backend = backend
-        self.fetch_first: Batcher[First] = Batcher(backend.fetch_first, self._first_many)
-        self.fetch_meta: Batcher[FileMeta] = Batcher(backend.fetch_meta, self._meta_many)
-
-    async def _first_many(self, keys: list[str]) -> dict[str, First]:
-        keys = _padded(keys)
-        rows = await self.backend.query(first_many(len(keys)), *keys)
-        return {r[0]: (_meta(r), r[5]) for r in rows}
-
-    async def _meta_many(self, keys: list[str]) -> dict[str, FileMeta]:
-        keys = _padded(keys)
-        return {r[0]: _meta(r) for r in await self.backend.query(meta_many(len(keys)), *keys)}
+    def __init__(self, layout: Layout) -> None:
+        self.first: Batcher[First] = Batcher(layout.first, layout.first_many)
+        self.meta: Batcher[FileMeta] = Batcher(layout.meta, layout.meta_many)

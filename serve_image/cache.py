@@ -19,7 +19,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import NamedTuple
 
-from serve_image.backends import FileMeta
+from serve_image.storage import FileMeta
 
 # What an entry costs beyond its bytes (the key, the row, the dict slot):
 # counted so that many tiny files cannot grow the cache past its bound.

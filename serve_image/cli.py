@@ -15,11 +15,15 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from serve_image.backends import BackendImportError, make_backend
-from serve_image.backends.base import Backend
-from serve_image.errors import DatabaseUnavailable
 from serve_image.litefs import replica_message, replica_primary
 from serve_image.settings import Settings, SiteConfigError
+from serve_image.storage import (
+    DatabaseUnavailable,
+    DriverMissing,
+    Layout,
+    StorageError,
+    make_layout,
+)
 
 COMMAND_MODULES = [
     "serve_image.commands.serve",
@@ -41,25 +45,25 @@ def add_site_argument(p: argparse.ArgumentParser, required: bool = True) -> None
     )
 
 
-async def run_with_backend(
-    settings: Settings, work: Callable[[Backend], Any], *, readonly: bool = False
+async def run_with_storage(
+    settings: Settings, work: Callable[[Layout], Any], *, readonly: bool = False
 ) -> Any:
-    """Connect a backend, run `work(backend)` (awaited if it is a coroutine), close it."""
+    """Connect to the site's storage, run `work(layout)` (awaited if a coroutine), close it."""
     if not readonly:
         # On a LiteFS replica a write would fail with "readonly database" or,
         # in WAL mode, "disk I/O error": say where to run the command instead.
         primary = replica_primary(settings)
         if primary is not None:
             raise CommandError(replica_message(settings, primary))
-    backend = make_backend(settings, readonly=readonly)
-    await backend.connect()
+    layout = make_layout(settings, readonly=readonly)
+    await layout.connect()
     try:
-        result = work(backend)
+        result = work(layout)
         if asyncio.iscoroutine(result):
             result = await result
         return result
     finally:
-        await backend.close()
+        await layout.close()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,11 +83,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(name)s: %(message)s")
     try:
         return int(args.func(args))
-    except (SiteConfigError, BackendImportError, CommandError) as e:
+    except (SiteConfigError, DriverMissing, CommandError) as e:
         print(f"serve-image: error: {e}", file=sys.stderr)
         return 2 if isinstance(e, SiteConfigError) else 1
     except DatabaseUnavailable as e:
         print(f"serve-image: error: database unavailable: {e}", file=sys.stderr)
+        return 1
+    except StorageError as e:
+        print(f"serve-image: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

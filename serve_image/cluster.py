@@ -28,23 +28,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from serve_image.backends import make_backend
-from serve_image.backends.base import (
-    Backend,
-    BrokenFile,
-    FileMeta,
-    StoredFile,
-    name_hash,
-    read_range,
-)
-from serve_image.errors import StreamAborted
 from serve_image.filetypes import HEAD_BYTES, guess_datatype, scope_for
 from serve_image.settings import Settings
+from serve_image.storage import (
+    BrokenFile,
+    FileMeta,
+    Layout,
+    StoredFile,
+    StreamAborted,
+    make_layout,
+    name_hash,
+)
+from serve_image.storage.files import stored_mtime
 
 __all__ = [
     "BrokenFile", "ClusterFiles", "FileBroken", "SourceChanged", "Stored", "StoredFile",
 ]
-
 
 
 def _open_regular(path: str | bytes | os.PathLike[str]) -> BinaryIO:
@@ -61,6 +60,7 @@ def _open_regular(path: str | bytes | os.PathLike[str]) -> BinaryIO:
     except BaseException:
         os.close(fd)
         raise
+
 
 class SourceChanged(Exception):
     """A local file changed size or vanished while it was being stored; nothing was stored."""
@@ -114,31 +114,25 @@ class _ChunkReader:
             yield data
 
 
-def _mtime(st: os.stat_result) -> int:
-    # eZ's mtime is a signed INT and a negative one means deleted: a file
-    # dated before 1970 is stored as 0.
-    return max(0, int(st.st_mtime))
-
-
 class ClusterFiles:
-    """eZ's cluster file handler over one backend."""
+    """eZ's cluster file handler over one site's storage."""
 
-    def __init__(self, backend: Backend) -> None:
-        self.backend = backend
-        self.chunk_size = backend.settings.chunk_size
+    def __init__(self, layout: Layout) -> None:
+        self.layout = layout
+        self.chunk_size = layout.settings.chunk_size
 
     @classmethod
     @asynccontextmanager
     async def open(
         cls, settings: Settings, *, readonly: bool = False
     ) -> AsyncIterator[ClusterFiles]:
-        """Connect a backend for the site, close it afterwards."""
-        backend = make_backend(settings, readonly=readonly)
-        await backend.connect()
+        """Connect to the site's storage, close it afterwards."""
+        layout = make_layout(settings, readonly=readonly)
+        await layout.connect()
         try:
-            yield cls(backend)
+            yield cls(layout)
         finally:
-            await backend.close()
+            await layout.close()
 
     # -- writing ----------------------------------------------------------
     async def store_file(
@@ -152,8 +146,7 @@ class ClusterFiles:
         nothing is stored), OSError if it cannot be opened.
         """
         # Opened off the event loop (a network file system can take its
-        # time); the chunks are read by the backend's store, in its thread
-        # for SQLite.
+        # time); the pieces are read as the layout stores them.
         f = await asyncio.to_thread(_open_regular, path)
         with f:
             st = os.fstat(f.fileno())
@@ -161,12 +154,12 @@ class ClusterFiles:
             reader = _ChunkReader(f, st.st_size, self.chunk_size, head)
             datatype = datatype or guess_datatype(head, name)
             scope = scope or scope_for(name)
-            mtime = _mtime(st)
-            await self.backend.store(
+            mtime = stored_mtime(st)
+            await self.layout.store(
                 name, reader, size=st.st_size, mtime=mtime, datatype=datatype, scope=scope,
             )
             after = os.fstat(f.fileno())
-        if (after.st_size, _mtime(after)) != (st.st_size, mtime):
+        if (after.st_size, stored_mtime(after)) != (st.st_size, mtime):
             # Written to while read: what was stored may mix two versions.
             # The next run (or the watcher's next event) stores it again.
             raise SourceChanged("file changed while being read")
@@ -181,7 +174,7 @@ class ClusterFiles:
         scope = scope or scope_for(name)
         mtime = int(time.time()) if mtime is None else mtime
         step = self.chunk_size
-        await self.backend.store(
+        await self.layout.store(
             name, (data[i:i + step] for i in range(0, len(data), step)), size=len(data),
             mtime=mtime, datatype=datatype, scope=scope,
         )
@@ -189,48 +182,49 @@ class ClusterFiles:
 
     async def delete(self, name: str) -> bool:
         """eZ's soft delete; False when there was no live file of that name."""
-        return await self.backend.soft_delete(name)
+        return await self.layout.delete(name)
 
     async def delete_by_wildcard(self, pattern: str) -> list[str]:
         """Soft-delete live files matching `pattern`: `*` any run (`/` too), `?` one character."""
-        return await self.backend.delete_by_wildcard(pattern)
+        return await self.layout.delete_matching(pattern)
 
     async def purge(self, older_than_days: float, *, dry_run: bool = False) -> tuple[int, int]:
         """Remove soft-deleted files older than that for good: (files, bytes)."""
         cutoff = int(time.time() - older_than_days * 86400)
-        return await self.backend.purge(cutoff, dry_run=dry_run)
+        return await self.layout.purge(cutoff, dry_run=dry_run)
 
     # -- reading ----------------------------------------------------------
     async def stat(self, name: str) -> StoredFile | None:
         """The file's row, deleted or not (see `StoredFile.live`)."""
-        return await self.backend.stat_file(name)
+        return await self.layout.stat(name)
 
     async def exists(self, name: str) -> bool:
         """True when a live (not deleted, not expired) file has that name."""
-        meta = await self.backend.fetch_meta(name_hash(name))
+        meta = await self.layout.meta(name_hash(name))
         return meta is not None and meta.live
 
     def list(
         self, prefix: str = "", *, scope: str | None = None, include_deleted: bool = False,
     ) -> AsyncIterator[StoredFile]:
         """Files whose name starts with `prefix`, by name."""
-        return self.backend.list_files(prefix, scope=scope, include_deleted=include_deleted)
+        return self.layout.list_files(prefix, scope=scope, include_deleted=include_deleted)
 
     def verify(self) -> AsyncIterator[BrokenFile]:
-        """Live files whose chunks do not add up to their size."""
-        return self.backend.verify()
+        """Live files whose stored bytes do not match their row."""
+        return self.layout.verify()
 
     async def read(self, name: str) -> tuple[FileMeta, AsyncIterator[bytes]] | None:
         """A live file's row and its bytes, one version throughout (FileBroken otherwise)."""
-        meta = await self.backend.fetch_meta(name_hash(name))
+        meta = await self.layout.meta(name_hash(name))
         if meta is None or not meta.live:
             return None
+        await self.layout.check(meta)
         return meta, self._chunks(meta)
 
     async def _chunks(self, meta: FileMeta) -> AsyncIterator[bytes]:
-        # The endpoint's checked walk: one version, no gap, nothing past the size.
+        # The endpoint's checked read: one version, no gap, nothing past the size.
         try:
-            async with aclosing(read_range(self.backend, meta, 0, meta.size - 1)) as pieces:
+            async with aclosing(self.layout.read(meta, 0, meta.size - 1)) as pieces:
                 async for piece in pieces:
                     yield piece
         except StreamAborted as e:

@@ -15,20 +15,14 @@ from contextlib import aclosing
 from typing import Any
 
 from serve_image import conditional, ranges
-from serve_image.backends import Backend, FileMeta
-from serve_image.backends.base import name_hash, read_range
 from serve_image.batching import BatchedReads
 from serve_image.cache import HotCache
-from serve_image.errors import (
-    MethodNotAllowed,
-    NotFound,
-    PreconditionFailed,
-    StreamAborted,
-)
+from serve_image.errors import MethodNotAllowed, NotFound, PreconditionFailed
 from serve_image.headers import Clock, content_disposition, content_type, is_download, type_headers
 from serve_image.localcopy import LocalCopies
 from serve_image.paths import FileName, request_name
 from serve_image.settings import Settings
+from serve_image.storage import FileMeta, Layout, StreamAborted, name_hash
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -54,9 +48,11 @@ _NOT_MODIFIED_FIELDS = frozenset((b"cache-control", b"etag", b"expires"))
 class ImageEndpoint:
     """GET and HEAD of `/var/<dir>/storage/images[-versioned]/...` from the database."""
 
-    def __init__(self, settings: Settings, backend: Backend) -> None:
+    def __init__(
+        self, settings: Settings, layout: Layout, local_copies: LocalCopies | None = None
+    ) -> None:
         self.settings = settings
-        self.backend = backend
+        self.layout = layout
         self.clock = Clock(settings.expiry_timeout)
         self.download_non_images = settings.download_non_images
         # The per-site part of every 200, encoded once.
@@ -67,21 +63,14 @@ class ImageEndpoint:
         self.cache_control = settings.cache_control.encode("latin-1")
         self.cache_control_versioned = settings.cache_control_versioned.encode("latin-1")
         # LOCAL_COPY_DIR: files served whole are copied to disk after the response.
-        self.local_copies = LocalCopies.for_site(settings, backend)
+        self.local_copies = local_copies
         # CACHE_MAX_BYTES: small files answered from memory for up to CACHE_TTL.
         self.cache = (
             HotCache(settings.cache_max_bytes, settings.cache_ttl)
             if settings.cache_max_bytes else None
         )
-        # Concurrent reads of rows share queries while the database is busy;
-        # batching.py writes its queries for the ezdbfile + ezdbfile_data layout.
-        self.fetch_first: Callable[[str], Awaitable[tuple[FileMeta, bytes | None] | None]]
-        self.fetch_meta: Callable[[str], Awaitable[FileMeta | None]]
-        if settings.layout == "chunks":
-            batched = BatchedReads(backend)
-            self.fetch_first, self.fetch_meta = batched.fetch_first, batched.fetch_meta
-        else:
-            self.fetch_first, self.fetch_meta = backend.fetch_first, backend.fetch_meta
+        # Concurrent reads of rows share queries while the database is busy.
+        self.reads = BatchedReads(layout)
 
         # What follows from the path alone, and the headers that follow from a
         # file's version alone, are worked out once and remembered (as
@@ -137,14 +126,14 @@ class ImageEndpoint:
         if hot is not None and (hot.body is not None or not whole_get):
             meta, first = hot.meta, hot.body
         elif whole_get:
-            got = await self.fetch_first(name_hash)
+            got = await self.reads.first(name_hash)
             meta = got[0] if got else None
             first = got[1] if got else None
             if self.cache is not None and meta is not None and first is not None:
                 self.cache.put(meta, first)
         else:
             # 304, 412, 416 and HEAD are decided from the row alone.
-            meta = await self.fetch_meta(name_hash)
+            meta = await self.reads.meta(name_hash)
             if self.cache is not None and meta is not None:
                 self.cache.put_meta(meta)
         if meta is None or not meta.live:
@@ -176,6 +165,11 @@ class ImageEndpoint:
             if if_range is None or conditional.if_range_matches(if_range, etag, last_modified):
                 # Raises RangeNotSatisfiable (416), mapped to a response in app.py.
                 wanted = ranges.parse_range(range_header, meta.size)
+        if meta.size and (first is None or len(first) < meta.size):
+            # Not all the bytes are in hand: before any header goes out, the
+            # layout makes sure this version can be read now (FileUnavailable
+            # is a 503 then, never a 200 cut short).
+            await self.layout.check(meta)
 
         if wanted is None:
             await self._send_whole(method, meta, first, headers, receive, send, file.name)
@@ -260,7 +254,7 @@ class ImageEndpoint:
         watcher = asyncio.ensure_future(_watch_disconnect(receive, gone))
         pos = start
         try:
-            async with aclosing(read_range(self.backend, meta, start, end)) as pieces:
+            async with aclosing(self.layout.read(meta, start, end)) as pieces:
                 async for piece in pieces:
                     await send({"type": "http.response.body", "body": piece, "more_body": True})
                     pos += len(piece)

@@ -1,69 +1,27 @@
-"""Named exceptions of the request path, turned into responses in `app.py` alone."""
+"""Why a request is refused, as named exceptions; `app.py` alone gives each its HTTP status."""
 
 from __future__ import annotations
 
 
-class HTTPError(Exception):
-    """An answer other than the file: carries its status and a short plain text."""
-
-    status = 500
-    text = "Internal Server Error"
-
-    def __init__(self, detail: str = "") -> None:
-        super().__init__(detail or self.text)
-        self.detail = detail
+class RequestRefused(Exception):
+    """A request that gets an answer other than the file."""
 
 
-class BadRequest(HTTPError):
-    status = 400
-    text = "Bad Request"
+class BadRequest(RequestRefused):
+    """Malformed request target: bad percent-encoding, not UTF-8, control characters."""
 
 
-class NotFound(HTTPError):
-    status = 404
-    text = "Not Found"
+class NotFound(RequestRefused):
+    """No live file of that name, or a path no file can have."""
 
 
-class MethodNotAllowed(HTTPError):
-    status = 405
-    text = "Method Not Allowed"
+class MethodNotAllowed(RequestRefused):
+    """Anything but GET and HEAD."""
 
 
-class URITooLong(HTTPError):
-    status = 414
-    text = "URI Too Long"
+class URITooLong(RequestRefused):
+    """A path longer than any stored name may be."""
 
 
-class DatabaseUnavailable(HTTPError):
-    """The database cannot answer now (down, unreachable, pool exhausted).
-
-    The message is for logs and names no password; the client sees only the
-    status, `Retry-After` and a short text.
-    """
-
-    status = 503
-    text = "Service Unavailable"
-
-
-class StatementFailed(HTTPError):
-    """The database refused one statement (a value too long, a constraint): not an outage.
-
-    The connection is fine and stays in use; an import reports that file and
-    goes on. On the request path it is our bug, hence a plain 500.
-    """
-
-    status = 500
-    text = "Internal Server Error"
-
-
-class StreamAborted(Exception):
-    """The file changed, vanished or is broken after its headers were sent.
-
-    A 200 that ends with wrong bytes is worse than a broken transfer: the
-    response is cut off and the client sees an incomplete body.
-    """
-
-
-class PreconditionFailed(HTTPError):
-    status = 412
-    text = "Precondition Failed"
+class PreconditionFailed(RequestRefused):
+    """If-Match or If-Unmodified-Since does not hold (RFC 9110 §13.1.1, §13.1.4)."""

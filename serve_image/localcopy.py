@@ -9,11 +9,11 @@ and how the budget is counted: `localfs`.
 The copy is made by one background task per process, after the response,
 from a bounded queue: a request only pays for a `put_nowait`. A small file
 whose bytes the endpoint read with its row is handed over as is; a larger one
-is read again from the database in batches. Teeing the streamed bytes instead
+is read again from the storage in pieces. Teeing the streamed bytes instead
 would mean holding a whole large file in memory, or writing to disk inside
-the response loop; and a re-read goes through `fetch_chunks`, which returns
-nothing once the row no longer has the served mtime and size, so a copy is
-never a mix of two versions.
+the response loop; and a re-read goes through `Layout.read`, which stops
+once the row no longer has the served mtime and size, so a copy is never a
+mix of two versions.
 """
 
 from __future__ import annotations
@@ -26,11 +26,9 @@ import time
 from contextlib import aclosing
 
 from serve_image import localfs
-from serve_image.backends import Backend, FileMeta
-from serve_image.backends.base import read_range
-from serve_image.errors import DatabaseUnavailable, StreamAborted
 from serve_image.localfs import CopyRefused
 from serve_image.settings import Settings
+from serve_image.storage import FileMeta, Layout, StorageError, StreamAborted
 
 logger = logging.getLogger("serve_image.localcopy")
 
@@ -58,9 +56,9 @@ class _Job:
 class LocalCopies:
     """One process's writer of local copies for one site."""
 
-    def __init__(self, settings: Settings, backend: Backend, root: str) -> None:
+    def __init__(self, settings: Settings, layout: Layout, root: str) -> None:
         self.settings = settings
-        self.backend = backend
+        self.layout = layout
         self.root = root
         self.limit = settings.local_copy_max_bytes
         self._queue: asyncio.Queue[_Job | None] = asyncio.Queue(QUEUE_SIZE)
@@ -71,11 +69,11 @@ class LocalCopies:
         self._task: asyncio.Task[None] | None = None
 
     @classmethod
-    def for_site(cls, settings: Settings, backend: Backend) -> LocalCopies | None:
+    def for_site(cls, settings: Settings, layout: Layout) -> LocalCopies | None:
         """The site's writer, or None when LOCAL_COPY_DIR is not set."""
         if settings.local_copy_dir is None:
             return None
-        return cls(settings, backend, settings.local_copy_dir)
+        return cls(settings, layout, settings.local_copy_dir)
 
     def offer(self, name: str, meta: FileMeta, data: bytes | None) -> None:
         """Called once a complete 200 is sent: queue a copy, never wait."""
@@ -130,7 +128,7 @@ class LocalCopies:
                 self._known[job.name] = (meta.mtime, meta.size, time.monotonic() + KNOWN_SECONDS)
             except CopyRefused as e:
                 logger.warning("local copy refused: %s", e)
-            except (OSError, DatabaseUnavailable) as e:
+            except (OSError, StorageError) as e:
                 # A full disk, a permission, a file where a directory should
                 # be, the database gone: the response went out already; only
                 # the copy is lost, and a later request offers it again.
@@ -168,10 +166,9 @@ class LocalCopies:
                 await asyncio.to_thread(localfs.release, self.root, reserved)
 
     async def _reread(self, temp: localfs.TempCopy, meta: FileMeta) -> None:
-        # The endpoint's checked walk: chunks must cover the file exactly,
-        # from this version of the row.
+        # The endpoint's checked read: exactly this version of the file.
         try:
-            async with aclosing(read_range(self.backend, meta, 0, meta.size - 1)) as pieces:
+            async with aclosing(self.layout.read(meta, 0, meta.size - 1)) as pieces:
                 async for piece in pieces:
                     await asyncio.to_thread(temp.write, piece)
         except StreamAborted as e:

@@ -33,9 +33,9 @@ import time
 from collections.abc import Iterator
 from urllib.parse import quote
 
-from serve_image.backends import FileMeta
-from serve_image.errors import HTTPError
+from serve_image.errors import RequestRefused
 from serve_image.paths import request_name
+from serve_image.storage.files import FileMeta, same_version, stored_mtime
 
 # Temporary files older than this were left by a crash; prune-local removes them.
 STALE_TEMP_SECONDS = 3600
@@ -104,7 +104,7 @@ def _regular(dir_fd: int, base: str) -> os.stat_result | None:
 
 
 def _is_copy_of(st: os.stat_result | None, meta: FileMeta) -> bool:
-    return st is not None and st.st_size == meta.size and int(st.st_mtime) == meta.mtime
+    return st is not None and same_version(st, meta.size, meta.mtime)
 
 
 def adjust_ledger(root_fd: int, delta: int = 0, *, limit: int | None = None,
@@ -159,9 +159,9 @@ def scan(root: str, var_dir: str | None = None) -> Iterator[LocalFile]:
                 # The same rules as a request: a name the endpoint would not
                 # serve (or another site's) is not one of our copies.
                 request_name(quote("/" + name).encode(), var_dir)
-            except HTTPError:
+            except RequestRefused:
                 continue
-            yield LocalFile(name, st.st_size, int(st.st_mtime), temporary)
+            yield LocalFile(name, st.st_size, stored_mtime(st), temporary)
 
 
 class TempCopy:
@@ -287,7 +287,7 @@ def remove_if_unchanged(root: str, found: LocalFile) -> bool:
             return False
         try:
             st = _regular(dir_fd, base)
-            if st is None or st.st_size != found.size or int(st.st_mtime) != found.mtime:
+            if st is None or not same_version(st, found.size, found.mtime):
                 return False
             os.unlink(base, dir_fd=dir_fd)
             return True

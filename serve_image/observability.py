@@ -26,8 +26,8 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
-from serve_image.failover import served_by
 from serve_image.settings import Settings
+from serve_image.storage.drivers.failover import served_by
 
 Scope = Any
 Receive = Callable[[], Awaitable[Any]]
@@ -90,7 +90,7 @@ class Metrics:
         for h in settings.hosts if settings.backend != "sqlite" else ():
             self.host_up.labels(h.label).set(1)
 
-    # -- FailoverObserver ----------------------------------------------------
+    # -- drivers.base.Observer ----------------------------------------------------
     def query(self, host: str, seconds: float) -> None:
         self.queries.labels(host).observe(seconds)
 
@@ -132,15 +132,13 @@ class Metrics:
 class Observer:
     """Wraps the HTTP handling: one access log line and the request metrics."""
 
-    def __init__(self, settings: Settings, backend: object) -> None:
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.json = settings.access_log == "json"
         self.log = settings.access_log is not None
+        # Also the storage's observer (app.py hands it over with Layout.observe).
         self.metrics = Metrics(settings) if settings.metrics_path else None
         self.backend_name = settings.backend
-        failover = getattr(backend, "failover", None)
-        if self.metrics is not None and failover is not None:
-            failover.observer = self.metrics
 
     async def __call__(self, app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
@@ -197,11 +195,11 @@ class Observer:
             self.metrics.close()
 
 
-def observer_for(settings: Settings, backend: object) -> Observer | None:
+def observer_for(settings: Settings) -> Observer | None:
     """The site's observer, or None when both the access log and metrics are off."""
     if settings.access_log is None and settings.metrics_path is None:
         return None
-    return Observer(settings, backend)
+    return Observer(settings)
 
 
 @contextmanager

@@ -19,9 +19,14 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 BACKENDS = ("mysql", "pgsql", "sqlite")
-# STORAGE_LAYOUT: "chunks" is ezdbfile + ezdbfile_data (eZ 3.10-4.7, every
-# backend); "largeobject" is eZ 3.8's PostgreSQL ezdbfile.lob_id (pgsql only).
-LAYOUTS = ("chunks", "largeobject")
+# STORAGE_LAYOUT -> the STORAGE_BACKENDs it runs on (storage/layouts/ has one
+# module each). "chunks": ezdbfile + ezdbfile_data (eZ 3.10-4.6);
+# "largeobject": eZ 3.8's PostgreSQL ezdbfile.lob_id.
+LAYOUT_BACKENDS = {
+    "chunks": ("mysql", "pgsql", "sqlite"),
+    "largeobject": ("pgsql",),
+}
+LAYOUTS = tuple(LAYOUT_BACKENDS)
 # STORAGE_DRIVER for mysql: asyncmy (Cython, the default: faster than aiomysql
 # for small and large files in scripts/bench, README "Performance") or aiomysql
 # (pure Python, the same API, for a platform asyncmy has no wheel for).
@@ -99,6 +104,10 @@ class Settings:
             return f"sqlite:{self.database}"
         where = ",".join(h.label for h in self.hosts)
         return f"{self.backend}://{self.user}@{where}/{self.database}"
+
+    def scrub(self, text: str) -> str:
+        """`text` with the password masked: every message about the database goes through it."""
+        return text.replace(self.password, "***") if self.password else text
 
 
 def _str(v: Any) -> str:
@@ -312,11 +321,11 @@ def settings_from_mapping(values: Mapping[str, Any], source: str, name: str = ""
             raise _error(
                 source, "LOCAL_COPY_DIR", f"must be an existing directory, not {local_copy_dir!r}"
             )
-    if out["STORAGE_LAYOUT"] == "largeobject" and backend != "pgsql":
-        # Large objects are a PostgreSQL feature: eZ 3.8's pgsql backend only.
+    layout = out["STORAGE_LAYOUT"]
+    if backend not in LAYOUT_BACKENDS[layout]:
+        wanted = " or ".join(map(repr, LAYOUT_BACKENDS[layout]))
         raise _error(
-            source, "STORAGE_LAYOUT",
-            f"'largeobject' needs STORAGE_BACKEND 'pgsql', not {backend!r}",
+            source, "STORAGE_LAYOUT", f"{layout!r} needs STORAGE_BACKEND {wanted}, not {backend!r}",
         )
     if out["STORAGE_DRIVER"] is not None and backend != "mysql":
         raise _error(source, "STORAGE_DRIVER", f"is for STORAGE_BACKEND 'mysql', not {backend!r}")

@@ -12,25 +12,20 @@ import asyncio
 import hashlib
 import itertools
 import os
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
 
-from serve_image.backends.base import StoredFile, name_hash
+from serve_image.backoff import with_retry
 from serve_image.cluster import ClusterFiles, FileBroken, SourceChanged
-from serve_image.errors import DatabaseUnavailable, StatementFailed
 from serve_image.progress import Progress
-
-T = TypeVar("T")
+from serve_image.storage import DatabaseUnavailable, StatementFailed, StoredFile, name_hash
+from serve_image.storage.files import same_version, stored_mtime
 
 # Files looked up in the database with one query, and walked per thread hop.
 BATCH = 256
 # A file written to while it is read is tried this often before it is reported.
 CHANGED_TRIES = 3
-# The database gets this many tries per operation, 0.5 s apart and doubling,
-# before the run stops (a deadlock or a failover is retried, an outage stops it).
-DB_TRIES = 4
 
 
 class TransferError(Exception):
@@ -128,7 +123,7 @@ def walk(top: str, prefix: str) -> Iterator[Entry | Problem]:
             except OSError as err:
                 yield Problem(entry.path, f"cannot stat: {err.strerror or err}")
                 continue
-            yield Entry(entry.path, name, st.st_size, max(0, int(st.st_mtime)))
+            yield Entry(entry.path, name, st.st_size, stored_mtime(st))
         stack.extend(reversed(subdirs))
 
 
@@ -148,24 +143,6 @@ def file_sha256(path: str) -> str:
         while data := f.read(1 << 20):
             digest.update(data)
     return digest.hexdigest()
-
-
-async def with_retry(fn: Callable[[], Awaitable[T]]) -> T:
-    """Run a database operation, retried while the database is briefly unavailable."""
-    delay = 0.5
-    for attempt in range(DB_TRIES):
-        try:
-            return await fn()
-        except DatabaseUnavailable:
-            if attempt == DB_TRIES - 1:
-                raise
-            await asyncio.sleep(delay)
-            delay *= 2
-    raise AssertionError("unreachable")
-
-
-def unchanged(entry: Entry, row: StoredFile | None) -> bool:
-    return row is not None and row.live and (row.size, row.mtime) == (entry.size, entry.mtime)
 
 
 class Importer:
@@ -204,7 +181,7 @@ class Importer:
             else:
                 entries.append(item)
         hashes = [name_hash(e.name) for e in entries]
-        rows = await with_retry(lambda: self.cluster.backend.stat_many(hashes))
+        rows = await with_retry(lambda: self.cluster.layout.stat_many(hashes))
         slots = asyncio.Semaphore(self.jobs)
         lost: list[DatabaseUnavailable] = []
 
@@ -225,7 +202,7 @@ class Importer:
             raise lost[0]
 
     async def import_one(self, entry: Entry, row: StoredFile | None) -> None:
-        if unchanged(entry, row) and not self.force:
+        if row is not None and row.holds(entry.size, entry.mtime) and not self.force:
             self.tally.skipped += 1
             if self.remove and not self.dry_run:
                 await self.remove_if_stored(entry.path, entry.name, entry.size, entry.mtime, None)
@@ -283,8 +260,7 @@ class Importer:
             self.report(path, "not removed: the stored copy differs")
             return
         try:
-            st = os.stat(path)
-            if (st.st_size, max(0, int(st.st_mtime))) != (size, mtime):
+            if not same_version(os.stat(path), size, mtime):
                 self.report(path, "not removed: it changed after it was stored")
                 return
             os.unlink(path)
@@ -316,8 +292,7 @@ async def export_tree(
             progress.problem(f"serve-image: {f.name!r}: not a safe relative path: not exported")
             continue
         try:
-            st = target.stat()
-            if (st.st_size, int(st.st_mtime)) == (f.size, f.mtime):
+            if same_version(target.stat(), f.size, f.mtime):
                 tally.skipped += 1
                 progress.advance(1, f.size)
                 continue

@@ -23,9 +23,11 @@ from pathlib import Path
 
 from watchfiles import awatch
 
+from serve_image.backoff import Backoff
 from serve_image.cluster import ClusterFiles, SourceChanged
-from serve_image.errors import DatabaseUnavailable, StatementFailed
 from serve_image.progress import Progress
+from serve_image.storage import DatabaseUnavailable, StatementFailed
+from serve_image.storage.files import stored_mtime
 from serve_image.transfer import Entry, Importer, TransferError, shown, walk
 
 logger = logging.getLogger("serve_image.watch")
@@ -154,16 +156,15 @@ class Watcher:
 
     async def initial_import(self) -> None:
         """Store what changed while no watcher ran; waits out a database outage."""
-        delay = RETRY_FIRST
+        backoff = Backoff(RETRY_FIRST, RETRY_MAX)
         while True:
             try:
                 importer = Importer(self.cluster, Progress("import", enabled=False), jobs=self.jobs)
                 tally = await importer.run(self.root, self.var_dir)
             except DatabaseUnavailable as e:
                 logger.warning("initial import: database unavailable (%s); retrying in %.1f s",
-                               e, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, RETRY_MAX)
+                               e, backoff.delay)
+                await backoff.wait()
                 continue
             except TransferError as e:
                 logger.info("initial import: %s", e)
@@ -179,7 +180,7 @@ class Watcher:
         With `until`, returns once the entries up to that one are applied;
         without, runs for ever.
         """
-        delay = RETRY_FIRST
+        backoff = Backoff(RETRY_FIRST, RETRY_MAX)
         while True:
             entries = self.journal.pending(until=until)
             if not entries:
@@ -194,11 +195,10 @@ class Watcher:
                     self.journal.done(seq)
             except DatabaseUnavailable as e:
                 logger.warning("database unavailable (%s): %d change(s) kept in the journal; "
-                               "retrying in %.1f s", e, len(self.journal), delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, RETRY_MAX)
+                               "retrying in %.1f s", e, len(self.journal), backoff.delay)
+                await backoff.wait()
                 continue
-            delay = RETRY_FIRST
+            backoff.reset()
 
     async def apply(self, op: str, name: str) -> None:
         if op == "delete":
@@ -216,8 +216,7 @@ class Watcher:
         try:
             st = path.lstat()
             row = await self.cluster.stat(name)
-            if row is not None and row.live and (row.size, row.mtime) == (
-                    st.st_size, max(0, int(st.st_mtime))):
+            if row is not None and row.holds(st.st_size, stored_mtime(st)):
                 return
             await self.cluster.store_file(path, name)
             logger.info("stored %s", name)

@@ -18,9 +18,9 @@ import httpx
 import pytest
 
 from serve_image.app import ServeImage
-from serve_image.backends import Backend, make_backend
 from serve_image.settings import Settings, settings_from_mapping
-from tests.helpers import SpyBackend
+from serve_image.storage import Layout, make_layout
+from tests.helpers import SpyLayout
 from tests.servers import create_database as _create_database
 from tests.servers import drop_database as _drop_database
 from tests.servers import server_constants as _server_constants
@@ -95,37 +95,37 @@ async def settings(databases: DatabaseFactory, backend_name: str) -> Settings:
     """One database per backend for the session, emptied before each test."""
     if backend_name not in _shared:
         _shared[backend_name] = await databases.settings(backend_name, STORAGE_CHUNK_SIZE=1000)
-        b = make_backend(_shared[backend_name])
+        b = make_layout(_shared[backend_name])
         await b.connect()
         await b.create_tables()
         await b.close()
     s = _shared[backend_name]
-    b = make_backend(s)
+    b = make_layout(s)
     await b.connect()
-    await b.execute("DELETE FROM ezdbfile_data")
-    await b.execute("DELETE FROM ezdbfile")
+    await b.driver.execute("DELETE FROM ezdbfile_data")
+    await b.driver.execute("DELETE FROM ezdbfile")
     await b.close()
     return s
 
 
 @pytest.fixture
-async def writer(settings: Settings) -> AsyncIterator[Backend]:
+async def writer(settings: Settings) -> AsyncIterator[Layout]:
     """A connected read-write backend for the test's own rows."""
-    b = make_backend(settings)
+    b = make_layout(settings)
     await b.connect()
     yield b
     await b.close()
 
 
 @pytest.fixture
-async def spy(settings: Settings) -> AsyncIterator[SpyBackend]:
-    b = SpyBackend(make_backend(settings, readonly=True))
+async def spy(settings: Settings) -> AsyncIterator[SpyLayout]:
+    b = SpyLayout(make_layout(settings, readonly=True))
     yield b
 
 
 @pytest.fixture
-async def app(settings: Settings, spy: SpyBackend) -> AsyncIterator[ServeImage]:
-    a = ServeImage(settings, backend=spy)
+async def app(settings: Settings, spy: SpyLayout) -> AsyncIterator[ServeImage]:
+    a = ServeImage(settings, layout=spy)
     await a.startup()
     yield a
     await a.shutdown()

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from serve_image import cli
-from serve_image.backends import make_backend
 from serve_image.settings import Settings, settings_from_mapping
+from serve_image.storage import make_layout
 
 BASE_MTIME = 1_600_000_000
 # Names a careless import would break on: spaces, both quotes, non-ASCII,
@@ -36,7 +36,7 @@ async def make_site(constants: Mapping[str, Any], directory: Path) -> Site:
     path = directory / "site.py"
     path.write_text("".join(f"{k} = {v!r}\n" for k, v in constants.items()))
     settings = settings_from_mapping(constants, str(path), "site")
-    backend = make_backend(settings)
+    backend = make_layout(settings)
     await backend.connect()
     try:
         await backend.create_tables()

@@ -1,4 +1,4 @@
-"""Test helpers: storing files with chosen chunks, a backend that counts its reads,
+"""Test helpers: storing files with chosen chunks, a layout that counts its reads,
 an app started with an in-process client."""
 
 from __future__ import annotations
@@ -6,14 +6,15 @@ from __future__ import annotations
 import hashlib
 import random
 import socket
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
 
 from serve_image.app import ServeImage
-from serve_image.backends import Backend, Chunk, FileMeta
+from serve_image.storage import BrokenFile, FileMeta, First, Layout, StoredFile
+from serve_image.storage.pieces import Chunk, FetchPieces, read_pieces
 
 IMG = "var/site/storage/images"
 
@@ -31,7 +32,7 @@ def split(data: bytes, size: int) -> list[bytes]:
 
 
 async def store(
-    backend: Backend, name: str, data: bytes, *, chunk: int | None = None,
+    backend: Layout, name: str, data: bytes, *, chunk: int | None = None,
     chunks: Sequence[bytes] | None = None, datatype: str = "image/jpeg", mtime: int = 1_700_000_000,
 ) -> None:
     size = chunk or backend.settings.chunk_size
@@ -58,18 +59,23 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-class SpyBackend(Backend):
-    """A real backend, with a count of the queries that read chunk bytes."""
+class SpyLayout(Layout):
+    """A real layout, with a log of the reads the endpoint makes through it.
 
-    def __init__(self, inner: Backend) -> None:
-        super().__init__(inner.settings, readonly=inner.readonly)
+    Every read of file bytes is counted in `chunk_reads`: a file's first bytes
+    with its row (`first`, also batched as `first_many`) and every batch of
+    pieces of a streamed body (`fetch_chunks`).
+    """
+
+    def __init__(self, inner: Layout) -> None:
+        super().__init__(inner.settings, inner.driver)
         self.inner = inner
         self.calls: list[str] = []
-        self.limits: list[int] = []  # rows asked of each fetch_chunks
+        self.limits: list[int] = []  # pieces asked of each fetch_chunks
 
     @property
     def chunk_reads(self) -> int:
-        return sum(1 for c in self.calls if c in ("fetch_first", "fetch_chunks"))
+        return sum(1 for c in self.calls if c in ("first", "first_many", "fetch_chunks"))
 
     async def connect(self) -> None:
         await self.inner.connect()
@@ -80,30 +86,55 @@ class SpyBackend(Backend):
     async def ping(self) -> None:
         await self.inner.ping()  # start-up and health checks are not the request's reads
 
-    async def fetch_meta(self, name_hash: str) -> FileMeta | None:
-        self.calls.append("fetch_meta")
-        return await self.inner.fetch_meta(name_hash)
+    async def create_tables(self) -> None:
+        await self.inner.create_tables()
 
-    async def fetch_first(self, name_hash: str) -> tuple[FileMeta, bytes | None] | None:
-        self.calls.append("fetch_first")
-        return await self.inner.fetch_first(name_hash)
+    async def meta(self, name_hash: str) -> FileMeta | None:
+        self.calls.append("meta")
+        return await self.inner.meta(name_hash)
+
+    async def first(self, name_hash: str) -> First | None:
+        self.calls.append("first")
+        return await self.inner.first(name_hash)
+
+    async def meta_many(self, hashes: Sequence[str]) -> dict[str, FileMeta]:
+        self.calls.append("meta_many")
+        return await self.inner.meta_many(hashes)
+
+    async def first_many(self, hashes: Sequence[str]) -> dict[str, First]:
+        self.calls.append("first_many")
+        return await self.inner.first_many(hashes)
+
+    async def check(self, meta: FileMeta) -> None:
+        await self.inner.check(meta)
 
     async def fetch_chunks(self, meta: FileMeta, start: int, end: int, limit: int) -> list[Chunk]:
         self.calls.append("fetch_chunks")
         self.limits.append(limit)
-        return await self.inner.fetch_chunks(meta, start, end, limit)
+        fetch: FetchPieces = self.inner.fetch_chunks  # type: ignore[attr-defined]
+        return await fetch(meta, start, end, limit)
 
-    async def create_tables(self) -> None:
-        await self.inner.create_tables()
+    def read(self, meta: FileMeta, start: int, end: int) -> AsyncGenerator[bytes, None]:
+        # The inner layout's checked walk over our counted fetches.
+        return read_pieces(self.fetch_chunks, meta, start, end)
 
-    async def store(self, name: str, chunks: Any, **kw: Any) -> None:
-        await self.inner.store(name, chunks, **kw)
+    async def store(self, name: str, pieces: Iterable[bytes], **kw: Any) -> None:
+        await self.inner.store(name, pieces, **kw)
 
-    async def execute(self, sql: str, *args: object) -> None:
-        await self.inner.execute(sql, *args)
+    async def delete(self, name: str) -> bool:
+        return await self.inner.delete(name)
 
-    async def query(self, sql: str, *args: object) -> list[tuple[Any, ...]]:
-        return await self.inner.query(sql, *args)
+    async def delete_matching(self, pattern: str) -> list[str]:
+        return await self.inner.delete_matching(pattern)
 
-    async def update(self, sql: str, *args: object) -> int:
-        return await self.inner.update(sql, *args)
+    async def purge(self, cutoff: int, *, dry_run: bool = False) -> tuple[int, int]:
+        return await self.inner.purge(cutoff, dry_run=dry_run)
+
+    async def stat_many(self, hashes: Sequence[str]) -> dict[str, StoredFile]:
+        return await self.inner.stat_many(hashes)
+
+    def list_files(self, prefix: str = "", **kw: Any) -> AsyncIterator[StoredFile]:
+        return self.inner.list_files(prefix, **kw)
+
+    def verify(self) -> AsyncIterator[BrokenFile]:
+        return self.inner.verify()

@@ -26,9 +26,9 @@ import httpx
 import pytest
 
 from serve_image.apache import apache_snippet, nginx_location
-from serve_image.backends import make_backend
 from serve_image.cli import main
 from serve_image.settings import load_site, settings_from_mapping
+from serve_image.storage import make_layout
 from tests.conftest import server_missing
 from tests.helpers import free_port, payload, split
 
@@ -172,7 +172,7 @@ def _write_site(root: Path) -> Path:
 
 
 async def _fill(site: Path, images: dict[str, tuple[str, bytes, int]]) -> None:
-    backend = make_backend(load_site(str(site)))
+    backend = make_layout(load_site(str(site)))
     await backend.connect()
     await backend.create_tables()
     files = {f"{IMG}/big/photo.jpg": ("image/jpeg", BIG),

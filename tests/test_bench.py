@@ -71,8 +71,8 @@ def test_db_only_reads_a_stored_file_whole(tmp_path: Path) -> None:
     import asyncio
 
     from bench import db_only
-    from serve_image.backends import make_backend
     from serve_image.settings import settings_from_mapping
+    from serve_image.storage import make_layout
 
     db = tmp_path / "d.sqlite"
     site = tmp_path / "site.py"
@@ -80,7 +80,7 @@ def test_db_only_reads_a_stored_file_whole(tmp_path: Path) -> None:
     data = bytes(range(256)) * 1000  # 256,000 bytes in 4 chunks
 
     async def fill() -> None:
-        b = make_backend(settings_from_mapping(
+        b = make_layout(settings_from_mapping(
             {"STORAGE_BACKEND": "sqlite", "STORAGE_DB": str(db)}, "<t>", "t"))
         await b.connect()
         await b.create_tables()

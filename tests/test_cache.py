@@ -10,10 +10,10 @@ import httpx
 import pytest
 
 from serve_image.app import ServeImage
-from serve_image.backends import Backend, FileMeta, make_backend
 from serve_image.cache import ENTRY_OVERHEAD, HotCache
 from serve_image.settings import Settings, SiteConfigError, settings_from_mapping
-from tests.helpers import IMG, SpyBackend, md5, payload, store
+from serve_image.storage import FileMeta, Layout, make_layout
+from tests.helpers import IMG, SpyLayout, md5, payload, store
 
 
 class FakeClock:
@@ -102,15 +102,15 @@ def test_off_by_default_and_settings_are_checked() -> None:
 
 # -- through the endpoint, on every backend ------------------------------------
 
-Client = tuple[httpx.AsyncClient, SpyBackend, FakeClock]
+Client = tuple[httpx.AsyncClient, SpyLayout, FakeClock]
 
 
 @pytest.fixture
 async def cached(settings: Settings) -> AsyncIterator[Callable[[], Client]]:
     """A client of an app with the hot cache on (64 KiB, TTL 5 s, a fake clock)."""
     s = dataclasses.replace(settings, cache_max_bytes=64 * 1024, cache_ttl=5.0)
-    spy = SpyBackend(make_backend(s, readonly=True))
-    app = ServeImage(s, backend=spy)
+    spy = SpyLayout(make_layout(s, readonly=True))
+    app = ServeImage(s, layout=spy)
     await app.startup()
     assert app.endpoint.cache is not None
     clock = FakeClock()
@@ -122,7 +122,7 @@ async def cached(settings: Settings) -> AsyncIterator[Callable[[], Client]]:
 
 
 async def test_second_get_is_answered_from_memory(
-    cached: Callable[[], Client], writer: Backend
+    cached: Callable[[], Client], writer: Layout
 ) -> None:
     client, spy, _ = cached()
     data = payload(900, seed=1)
@@ -138,7 +138,7 @@ async def test_second_get_is_answered_from_memory(
 
 
 async def test_cached_304_reads_no_database(
-    cached: Callable[[], Client], writer: Backend
+    cached: Callable[[], Client], writer: Layout
 ) -> None:
     client, spy, _ = cached()
     await store(writer, f"{IMG}/a.jpg", payload(900, seed=1))
@@ -152,7 +152,7 @@ async def test_cached_304_reads_no_database(
 
 
 async def test_replaced_file_is_served_stale_at_most_ttl(
-    cached: Callable[[], Client], writer: Backend
+    cached: Callable[[], Client], writer: Layout
 ) -> None:
     client, _, clock = cached()
     old, new = payload(900, seed=1), payload(800, seed=2)
@@ -166,7 +166,7 @@ async def test_replaced_file_is_served_stale_at_most_ttl(
 
 
 async def test_file_of_several_chunks_is_not_cached(
-    cached: Callable[[], Client], writer: Backend
+    cached: Callable[[], Client], writer: Layout
 ) -> None:
     client, spy, _ = cached()
     data = payload(2500, seed=3)  # three chunks of the test sites' 1000 bytes
@@ -175,11 +175,11 @@ async def test_file_of_several_chunks_is_not_cached(
     calls = len(spy.calls)
     r = await client.get(f"/{IMG}/b.jpg")
     assert r.content == data
-    assert spy.calls[calls] == "fetch_first"
+    assert spy.calls[calls] == "first"
 
 
 async def test_row_read_for_a_304_answers_the_next_304_from_memory(
-    cached: Callable[[], Client], writer: Backend
+    cached: Callable[[], Client], writer: Layout
 ) -> None:
     client, spy, _ = cached()
     await store(writer, f"{IMG}/c.jpg", payload(2500, seed=4))  # several chunks: any size
@@ -192,7 +192,7 @@ async def test_row_read_for_a_304_answers_the_next_304_from_memory(
 
 
 async def test_get_after_a_row_only_entry_reads_the_bytes(
-    cached: Callable[[], Client], writer: Backend
+    cached: Callable[[], Client], writer: Layout
 ) -> None:
     client, spy, _ = cached()
     data = payload(900, seed=5)
@@ -201,6 +201,6 @@ async def test_get_after_a_row_only_entry_reads_the_bytes(
     calls = len(spy.calls)
     r = await client.get(f"/{IMG}/d.jpg")
     assert r.content == data
-    assert spy.calls[calls:] == ["fetch_first"]
+    assert spy.calls[calls:] == ["first"]
     assert (await client.get(f"/{IMG}/d.jpg")).content == data
-    assert spy.calls[calls:] == ["fetch_first"]
+    assert spy.calls[calls:] == ["first"]

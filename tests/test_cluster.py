@@ -7,16 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from serve_image.backends import Backend
 from serve_image.cluster import ClusterFiles
 from serve_image.filetypes import guess_datatype, scope_for
 from serve_image.samples import png, svg
+from serve_image.storage import Layout
 from tests.helpers import payload
 
 NAME = "var/x/storage/images/a/photo.jpg"
 
 
-async def test_store_contents_then_fetch_contents(writer: Backend) -> None:
+async def test_store_contents_then_fetch_contents(writer: Layout) -> None:
     cluster = ClusterFiles(writer)
     data = payload(4321, seed=7)
     stored = await cluster.store_contents(NAME, data, mtime=1_700_000_000)
@@ -25,13 +25,13 @@ async def test_store_contents_then_fetch_contents(writer: Backend) -> None:
 
 
 async def test_store_file_takes_type_from_content_and_mtime_from_the_file(
-    writer: Backend, tmp_path: Path
+    writer: Layout, tmp_path: Path
 ) -> None:
     path = tmp_path / "x.jpg"
     path.write_bytes(png(8, 8, 1))  # a PNG named .jpg: the bytes win
     os.utime(path, (1_600_000_000, 1_600_000_000))
     stored = await ClusterFiles(writer).store_file(path, NAME)
-    row = await writer.stat_file(NAME)
+    row = await writer.stat(NAME)
     assert row is not None
     assert (row.datatype, row.mtime, row.size, row.scope) == (
         "image/png", 1_600_000_000, path.stat().st_size, "image")
@@ -39,7 +39,7 @@ async def test_store_file_takes_type_from_content_and_mtime_from_the_file(
 
 
 async def test_fetch_file_writes_atomically_with_the_mtime(
-    writer: Backend, tmp_path: Path
+    writer: Layout, tmp_path: Path
 ) -> None:
     cluster = ClusterFiles(writer)
     data = payload(2500, seed=3)
@@ -55,13 +55,13 @@ async def test_fetch_file_writes_atomically_with_the_mtime(
 
 
 async def test_fetch_file_of_a_missing_file_writes_nothing(
-    writer: Backend, tmp_path: Path
+    writer: Layout, tmp_path: Path
 ) -> None:
     assert await ClusterFiles(writer).fetch_file(NAME, tmp_path / "f") is None
     assert os.listdir(tmp_path) == []
 
 
-async def test_delete_makes_a_file_gone_but_keeps_its_row(writer: Backend) -> None:
+async def test_delete_makes_a_file_gone_but_keeps_its_row(writer: Layout) -> None:
     cluster = ClusterFiles(writer)
     await cluster.store_contents(NAME, b"abc", mtime=1_700_000_000)
     assert await cluster.exists(NAME) is True
@@ -73,7 +73,7 @@ async def test_delete_makes_a_file_gone_but_keeps_its_row(writer: Backend) -> No
     assert await cluster.delete(NAME) is False
 
 
-async def test_delete_by_wildcard_and_list(writer: Backend) -> None:
+async def test_delete_by_wildcard_and_list(writer: Layout) -> None:
     cluster = ClusterFiles(writer)
     for name in ["var/x/storage/images/a/1.jpg", "var/x/storage/images/a/2.png",
                  "var/x/storage/images/b/3.jpg"]:
@@ -83,7 +83,7 @@ async def test_delete_by_wildcard_and_list(writer: Backend) -> None:
     assert [f.name async for f in cluster.list("var/x/")] == ["var/x/storage/images/a/2.png"]
 
 
-async def test_purge_after_delete_removes_the_row(writer: Backend) -> None:
+async def test_purge_after_delete_removes_the_row(writer: Layout) -> None:
     cluster = ClusterFiles(writer)
     await cluster.store_contents(NAME, b"abc", mtime=1_000_000_000)
     await cluster.delete(NAME)

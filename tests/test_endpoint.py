@@ -12,16 +12,16 @@ import httpx
 import pytest
 
 from serve_image.app import ServeImage
-from serve_image.backends import Backend, make_backend
 from serve_image.settings import Settings, settings_from_mapping
-from tests.helpers import IMG, SpyBackend, md5, payload, running, store
+from serve_image.storage import Layout, make_layout
+from tests.helpers import IMG, SpyLayout, md5, payload, running, store
 
 MTIME = 1_700_000_000
 
 
 @pytest.mark.parametrize("size", [0, 1, 999, 1000, 1001, 3000, 5 * 1024 * 1024 + 7])
 async def test_exact_bytes_for_every_size(
-    writer: Backend, client: httpx.AsyncClient, size: int
+    writer: Layout, client: httpx.AsyncClient, size: int
 ) -> None:
     # The site's chunk size is 1000: 0 bytes, 1 byte, a chunk, a chunk + 1, many chunks.
     data = payload(size, seed=size)
@@ -33,7 +33,7 @@ async def test_exact_bytes_for_every_size(
     assert hashlib.sha256(r.content).hexdigest() == hashlib.sha256(data).hexdigest()
 
 
-async def test_exact_headers(writer: Backend, client: httpx.AsyncClient) -> None:
+async def test_exact_headers(writer: Layout, client: httpx.AsyncClient) -> None:
     await store(writer, f"{IMG}/a/b.png", b"x" * 10, datatype="image/png", mtime=MTIME)
     r = await client.get(f"/{IMG}/a/b.png")
     assert r.status_code == 200
@@ -51,21 +51,21 @@ async def test_exact_headers(writer: Backend, client: httpx.AsyncClient) -> None
     assert "content-security-policy" not in h
 
 
-async def test_versioned_path_is_immutable(writer: Backend, client: httpx.AsyncClient) -> None:
+async def test_versioned_path_is_immutable(writer: Layout, client: httpx.AsyncClient) -> None:
     name = "var/site/storage/images-versioned/a/1/b.png"
     await store(writer, name, b"x")
     r = await client.get(f"/{name}")
     assert r.headers["cache-control"] == "public, max-age=6000, immutable"
 
 
-async def test_var_storage_without_dir(writer: Backend, client: httpx.AsyncClient) -> None:
+async def test_var_storage_without_dir(writer: Layout, client: httpx.AsyncClient) -> None:
     await store(writer, "var/storage/images/x.gif", b"GIF89a")
     r = await client.get("/var/storage/images/x.gif")
     assert (r.status_code, r.content) == (200, b"GIF89a")
 
 
 async def test_percent_decoded_name_and_query_dropped(
-    writer: Backend, client: httpx.AsyncClient
+    writer: Layout, client: httpx.AsyncClient
 ) -> None:
     name = f"{IMG}/caf\u00e9 au lait/it's 100%_done.jpg"
     await store(writer, name, b"bytes")
@@ -85,7 +85,7 @@ async def test_percent_decoded_name_and_query_dropped(
     ],
 )
 async def test_malformed_datatype(
-    writer: Backend, client: httpx.AsyncClient, datatype: str, expected: str
+    writer: Layout, client: httpx.AsyncClient, datatype: str, expected: str
 ) -> None:
     await store(writer, f"{IMG}/t", b"x", datatype=datatype)
     r = await client.get(f"/{IMG}/t")
@@ -93,7 +93,7 @@ async def test_malformed_datatype(
     assert "x-evil" not in r.headers
 
 
-async def test_svg_gets_sandbox_csp(writer: Backend, client: httpx.AsyncClient) -> None:
+async def test_svg_gets_sandbox_csp(writer: Layout, client: httpx.AsyncClient) -> None:
     await store(writer, f"{IMG}/a.svg", b"<svg/>", datatype="image/svg+xml")
     r = await client.get(f"/{IMG}/a.svg")
     assert r.headers["content-security-policy"] == (
@@ -101,21 +101,21 @@ async def test_svg_gets_sandbox_csp(writer: Backend, client: httpx.AsyncClient) 
     )
 
 
-async def test_missing_is_404(client: httpx.AsyncClient, spy: SpyBackend) -> None:
+async def test_missing_is_404(client: httpx.AsyncClient, spy: SpyLayout) -> None:
     r = await client.get(f"/{IMG}/nope.jpg")
     assert (r.status_code, r.text) == (404, "404 Not Found\n")
-    assert spy.calls == ["fetch_first"]
+    assert spy.calls == ["first"]
 
 
-async def test_soft_deleted_is_404(writer: Backend, client: httpx.AsyncClient) -> None:
+async def test_soft_deleted_is_404(writer: Layout, client: httpx.AsyncClient) -> None:
     await store(writer, f"{IMG}/gone.jpg", b"x", mtime=-MTIME)
     assert (await client.get(f"/{IMG}/gone.jpg")).status_code == 404
     assert (await client.head(f"/{IMG}/gone.jpg")).status_code == 404
 
 
-async def test_expired_is_404(writer: Backend, client: httpx.AsyncClient) -> None:
+async def test_expired_is_404(writer: Layout, client: httpx.AsyncClient) -> None:
     await store(writer, f"{IMG}/exp.jpg", b"x")
-    await writer.execute(
+    await writer.driver.execute(
         "UPDATE ezdbfile SET expired = ? WHERE name_hash = ?", True, md5(f"{IMG}/exp.jpg")
     )
     assert (await client.get(f"/{IMG}/exp.jpg")).status_code == 404
@@ -133,7 +133,7 @@ async def test_expired_is_404(writer: Backend, client: httpx.AsyncClient) -> Non
     ],
 )
 async def test_other_paths_404_without_database(
-    writer: Backend, client: httpx.AsyncClient, spy: SpyBackend, path: str
+    writer: Layout, client: httpx.AsyncClient, spy: SpyLayout, path: str
 ) -> None:
     await store(writer, "var/site/storage/original/a.pdf", b"%PDF")
     r = await client.get(path)
@@ -142,7 +142,7 @@ async def test_other_paths_404_without_database(
 
 
 @pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "PATCH", "OPTIONS"])
-async def test_other_methods_405(client: httpx.AsyncClient, spy: SpyBackend, method: str) -> None:
+async def test_other_methods_405(client: httpx.AsyncClient, spy: SpyLayout, method: str) -> None:
     r = await client.request(method, f"/{IMG}/a.jpg")
     assert r.status_code == 405
     assert r.headers["allow"] == "GET, HEAD"
@@ -150,26 +150,26 @@ async def test_other_methods_405(client: httpx.AsyncClient, spy: SpyBackend, met
 
 
 async def test_head_reads_no_chunk(
-    writer: Backend, client: httpx.AsyncClient, spy: SpyBackend
+    writer: Layout, client: httpx.AsyncClient, spy: SpyLayout
 ) -> None:
     await store(writer, f"{IMG}/h.jpg", payload(5000))
     r = await client.head(f"/{IMG}/h.jpg")
     assert r.status_code == 200
     assert r.headers["content-length"] == "5000"
     assert r.content == b""
-    assert spy.calls == ["fetch_meta"]
+    assert spy.calls == ["meta"]
     assert spy.chunk_reads == 0
 
 
 async def test_small_file_is_one_query(
-    writer: Backend, client: httpx.AsyncClient, spy: SpyBackend
+    writer: Layout, client: httpx.AsyncClient, spy: SpyLayout
 ) -> None:
     await store(writer, f"{IMG}/s.jpg", payload(900))
     assert (await client.get(f"/{IMG}/s.jpg")).status_code == 200
-    assert spy.calls == ["fetch_first"]
+    assert spy.calls == ["first"]
 
 
-async def test_chunks_of_unequal_lengths(writer: Backend, client: httpx.AsyncClient) -> None:
+async def test_chunks_of_unequal_lengths(writer: Layout, client: httpx.AsyncClient) -> None:
     data = payload(3000, seed=3)
     parts = [data[:10], data[10:1500], data[1500:1501], data[1501:2999], data[2999:]]
     await store(writer, f"{IMG}/u.bin", data, chunks=parts)
@@ -220,7 +220,7 @@ async def _get_raw(
 
 
 async def test_file_replaced_mid_stream_aborts(
-    writer: Backend, app: ServeImage, caplog: pytest.LogCaptureFixture
+    writer: Layout, app: ServeImage, caplog: pytest.LogCaptureFixture
 ) -> None:
     name = f"{IMG}/big.bin"
     await store(writer, name, payload(1_000_000, 1))
@@ -242,12 +242,12 @@ async def test_file_replaced_mid_stream_aborts(
     assert "file replaced, deleted or missing chunks" in caplog.text
 
 
-async def test_file_deleted_mid_stream_aborts(writer: Backend, app: ServeImage) -> None:
+async def test_file_deleted_mid_stream_aborts(writer: Layout, app: ServeImage) -> None:
     name = f"{IMG}/del.bin"
     await store(writer, name, payload(1_000_000, 1))
 
     async def delete(_: int) -> None:
-        await writer.execute(
+        await writer.driver.execute(
             "UPDATE ezdbfile SET mtime = ?, expired = ? WHERE name_hash = ?",
             -MTIME,
             True,
@@ -260,11 +260,11 @@ async def test_file_deleted_mid_stream_aborts(writer: Backend, app: ServeImage) 
 
 
 async def test_missing_chunk_aborts(
-    writer: Backend, app: ServeImage, caplog: pytest.LogCaptureFixture
+    writer: Layout, app: ServeImage, caplog: pytest.LogCaptureFixture
 ) -> None:
     name = f"{IMG}/gap.bin"
     await store(writer, name, payload(5000))
-    await writer.execute(
+    await writer.driver.execute(
         'DELETE FROM ezdbfile_data WHERE name_hash = ? AND "offset" = ?', md5(name), 3000
     )
     with caplog.at_level(logging.ERROR, "serve_image.endpoint"):
@@ -273,18 +273,18 @@ async def test_missing_chunk_aborts(
     assert "no chunk holds byte 3000" in caplog.text
 
 
-async def test_chunks_short_of_size_abort(writer: Backend, app: ServeImage) -> None:
+async def test_chunks_short_of_size_abort(writer: Layout, app: ServeImage) -> None:
     name = f"{IMG}/short.bin"
     await store(writer, name, payload(2500))
-    await writer.execute("UPDATE ezdbfile SET size = ? WHERE name_hash = ?", 4000, md5(name))
+    await writer.driver.execute("UPDATE ezdbfile SET size = ? WHERE name_hash = ?", 4000, md5(name))
     status, headers, body, complete = await _get_raw(app, f"/{name}")
     assert (status, headers["content-length"], complete, len(body)) == (200, "4000", False, 2500)
 
 
-async def test_chunks_past_size_abort(writer: Backend, app: ServeImage) -> None:
+async def test_chunks_past_size_abort(writer: Layout, app: ServeImage) -> None:
     name = f"{IMG}/long.bin"
     await store(writer, name, payload(2500))
-    await writer.execute("UPDATE ezdbfile SET size = ? WHERE name_hash = ?", 2400, md5(name))
+    await writer.driver.execute("UPDATE ezdbfile SET size = ? WHERE name_hash = ?", 2400, md5(name))
     status, _, body, complete = await _get_raw(app, f"/{name}")
     assert (status, complete) == (200, False)
     assert len(body) < 2400
@@ -330,7 +330,7 @@ async def test_recovers_when_database_returns(tmp_path: Any) -> None:
     settings = settings_from_mapping({"STORAGE_DB": str(tmp_path / "later.sqlite")}, "<t>")
     async with running(ServeImage(settings)) as c:
         assert (await c.get(f"/{IMG}/a.jpg")).status_code == 503
-        writer = make_backend(settings)
+        writer = make_layout(settings)
         await writer.connect()
         await writer.create_tables()
         await store(writer, f"{IMG}/a.jpg", b"back")
@@ -354,7 +354,7 @@ async def test_non_image_paths_are_404(client: httpx.AsyncClient) -> None:
 
 
 async def test_batches_are_sized_from_the_stored_chunks(
-    writer: Backend, client: httpx.AsyncClient, spy: SpyBackend
+    writer: Layout, client: httpx.AsyncClient, spy: SpyLayout
 ) -> None:
     """Regression: batches were sized from STORAGE_CHUNK_SIZE (1000 here), so rows of
     65535 bytes stored with another chunk size came 524 at a time (34 MB per query)."""
@@ -367,13 +367,13 @@ async def test_batches_are_sized_from_the_stored_chunks(
     assert set(spy.limits[1:]) == {8}
 
 
-async def test_file_of_mtime_0_deleted_mid_stream_aborts(writer: Backend, app: ServeImage) -> None:
+async def test_file_of_mtime_0_deleted_mid_stream_aborts(writer: Layout, app: ServeImage) -> None:
     """eZ's soft delete of an mtime-0 file leaves mtime 0 (-abs(0)): expired alone says so."""
     name = f"{IMG}/zero.bin"
     await store(writer, name, payload(1_000_000, 1), mtime=0)
 
     async def delete(_: int) -> None:
-        await writer.execute("UPDATE ezdbfile SET mtime = -ABS(mtime), expired = ? "
+        await writer.driver.execute("UPDATE ezdbfile SET mtime = -ABS(mtime), expired = ? "
                              "WHERE name_hash = ?", True, md5(name))
 
     status, _, body, complete = await _get_raw(app, f"/{name}", delete)

@@ -185,9 +185,9 @@ async def test_misc_datatype_is_octet_stream(ez_client: httpx.AsyncClient) -> No
 # a note that aiomysql raised as a warning (an error under this suite's
 # filterwarnings); create_tables now creates only the missing tables.
 async def test_create_tables_leaves_ez_tables_alone(ez_site: tuple[Settings, Any]) -> None:
-    from serve_image.backends import make_backend
+    from serve_image.storage import make_layout
 
-    b = make_backend(ez_site[0])
+    b = make_layout(ez_site[0])
     await b.connect()
     await b.create_tables()
     await b.close()

@@ -26,12 +26,12 @@ import httpx
 import pytest
 
 from serve_image.app import ServeImage
-from serve_image.backends import make_backend
-from serve_image.failover import Failover
 from serve_image.settings import Settings, settings_from_mapping
+from serve_image.storage import make_layout
+from serve_image.storage.drivers.failover import Failover
 from tests.conftest import DatabaseFactory
 from tests.dbservers import MariaDB, PostgreSQL, Server
-from tests.helpers import IMG, SpyBackend, free_port, md5, payload, running, store
+from tests.helpers import IMG, SpyLayout, free_port, md5, payload, running, store
 from tests.live import RawClient, uvicorn_server
 
 pytestmark = pytest.mark.slow
@@ -85,7 +85,7 @@ async def _create_db(backend: str, port: int, name: str) -> None:
 
 
 async def _fill(settings: Settings, which: bytes) -> None:
-    b = make_backend(settings)
+    b = make_layout(settings)
     await b.connect()
     try:
         await b.create_tables()
@@ -226,15 +226,15 @@ async def test_all_servers_down_fast_503_then_recovery(
 async def test_single_host_settings_still_work(databases: DatabaseFactory, backend: str) -> None:
     """STORAGE_HOST/STORAGE_PORT alone: one server, the same failover bookkeeping."""
     settings = await databases.settings(backend)
-    b = make_backend(settings)
-    assert isinstance(getattr(b, "failover", None), Failover)
+    b = make_layout(settings)
+    assert isinstance(getattr(b.driver, "failover", None), Failover)
     await b.connect()
     try:
         await b.create_tables()
         await store(b, SMALL, SMALL_DATA)
-        got = await b.fetch_first(SMALL_HASH)
+        got = await b.first(SMALL_HASH)
         assert got is not None and got[1] == SMALL_DATA
-        assert b.failover.status() == [(f"{settings.host}:{settings.port}", True)]  # type: ignore[attr-defined]
+        assert b.driver.failover.status() == [(f"{settings.host}:{settings.port}", True)]  # type: ignore[attr-defined]
     finally:
         await b.close()
 
@@ -332,7 +332,7 @@ async def _big_site(databases: DatabaseFactory, backend: str, **extra: Any) -> S
     """`backend` is a key of DRIVERS, or "sqlite"."""
     kind, driver = DRIVERS.get(backend, (backend, {}))
     settings = await databases.settings(kind, STORAGE_CHUNK_SIZE=65535, **driver, **extra)
-    b = make_backend(settings)
+    b = make_layout(settings)
     await b.connect()
     try:
         await b.create_tables()
@@ -419,7 +419,7 @@ async def test_pool_exhausted_is_bounded_503(
         assert r.headers["retry-after"] == "5"
         assert 0.25 < waited < 2.0  # the acquire timeout, then 503
         # Busy is not down: the server is not put aside.
-        assert app.backend.failover.status()[0][1] is True  # type: ignore[attr-defined]
+        assert app.layout.driver.failover.status()[0][1] is True  # type: ignore[attr-defined]
         await locker.unlock()
         held = await asyncio.wait_for(holder, 10)
         assert held.status_code == 200
@@ -443,7 +443,7 @@ async def test_read_that_never_answers_is_a_bounded_503(
         # The timeout once (a timed-out read is not tried again), never the lock's length.
         assert 0.25 < waited < 1.5
         # A stuck query is not a server down: it is not put aside.
-        assert app.backend.failover.status()[0][1] is True  # type: ignore[attr-defined]
+        assert app.layout.driver.failover.status()[0][1] is True  # type: ignore[attr-defined]
         await locker.unlock()
         r = await c.get(f"/{SMALL}")
         assert (r.status_code, r.content) == (200, SMALL_DATA)
@@ -489,8 +489,8 @@ async def test_client_disconnect_stops_reads_and_frees_connections(
         settings = await _big_site(databases, "sqlite")
     else:
         settings = big_sites[backend_kind]
-    spy = SpyBackend(make_backend(settings, readonly=True))
-    app = ServeImage(settings, backend=spy)
+    spy = SpyLayout(make_layout(settings, readonly=True))
+    app = ServeImage(settings, layout=spy)
     await app.startup()
     try:
         async with uvicorn_server(app) as port:
@@ -503,7 +503,7 @@ async def test_client_disconnect_stops_reads_and_frees_connections(
             assert spy.chunk_reads == reads  # no reads for nobody
             batches = BIG_SIZE // (4 * 65535) + 1
             assert reads < batches // 2
-            failover = getattr(spy.inner, "failover", None)
+            failover = getattr(spy.inner.driver, "failover", None)
             if failover is not None:
                 assert [h.pool.in_use() for h in failover.hosts] == [0]
     finally:
@@ -616,7 +616,7 @@ async def test_connect_timeout_decides_a_new_connection(backend_name: str) -> No
         "<silent>",
     )
     app = ServeImage(settings)
-    await app.backend.connect()  # no start-up ping: the request makes the first connect
+    await app.layout.connect()  # no start-up ping: the request makes the first connect
     try:
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:

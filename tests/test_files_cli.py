@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from serve_image.backends import Backend
 from serve_image.settings import Settings
+from serve_image.storage import Layout
 from tests.filetree import cli_command, run_cli, site_file_for
 from tests.helpers import md5, payload, store
 
@@ -20,13 +20,13 @@ def site(settings: Settings, tmp_path: Path) -> Path:
     return site_file_for(settings, tmp_path)
 
 
-async def count(writer: Backend, statement: str, *args: object) -> int:
-    (n,), = await writer.query(statement, *args)
+async def count(writer: Layout, statement: str, *args: object) -> int:
+    (n,), = await writer.driver.fetch(statement, *args)
     return int(n)
 
 
 async def test_ls_lists_live_names_under_a_prefix_taken_literally(
-    writer: Backend, site: Path, capsys: pytest.CaptureFixture[str]
+    writer: Layout, site: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # `%` and `_` are LIKE wildcards: the prefix must match them as characters.
     for name in [f"{IMG}/100%_a.jpg", f"{IMG}/100x_a.jpg", f"{IMG}/100%xa.jpg", f"{IMG}/b.jpg"]:
@@ -37,7 +37,7 @@ async def test_ls_lists_live_names_under_a_prefix_taken_literally(
 
 
 async def test_ls_prefix_is_case_sensitive(
-    writer: Backend, site: Path, capsys: pytest.CaptureFixture[str]
+    writer: Layout, site: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # MySQL's _ci collations and SQLite's LIKE ignore case; names do not.
     await store(writer, f"{IMG}/A.jpg", b"x")
@@ -47,7 +47,7 @@ async def test_ls_prefix_is_case_sensitive(
 
 
 async def test_ls_pages_through_more_rows_than_a_page(
-    writer: Backend, site: Path, capsys: pytest.CaptureFixture[str]
+    writer: Layout, site: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     names = sorted(f"{IMG}/p/{i:04d}.jpg" for i in range(1000))  # two full pages
     for name in names:
@@ -57,7 +57,7 @@ async def test_ls_pages_through_more_rows_than_a_page(
 
 
 async def test_ls_long_shows_deleted_files_when_asked(
-    writer: Backend, site: Path, capsys: pytest.CaptureFixture[str]
+    writer: Layout, site: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     await store(writer, f"{IMG}/live.png", b"abc", datatype="image/png", mtime=1_700_000_000)
     await store(writer, f"{IMG}/gone.png", b"abcd", datatype="image/png", mtime=-1_700_000_000)
@@ -71,7 +71,7 @@ async def test_ls_long_shows_deleted_files_when_asked(
 
 
 async def test_stat_prints_the_row(
-    writer: Backend, site: Path, capsys: pytest.CaptureFixture[str]
+    writer: Layout, site: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     await store(writer, f"{IMG}/a b.jpg", b"12345", mtime=1_700_000_000)
     assert await run_cli("stat", "--site", site, f"{IMG}/a b.jpg") == 0
@@ -94,7 +94,7 @@ async def test_stat_of_a_missing_file_fails(
 
 
 async def test_cat_writes_every_chunk_in_order(
-    writer: Backend, site: Path, capsysbinary: pytest.CaptureFixture[bytes]
+    writer: Layout, site: Path, capsysbinary: pytest.CaptureFixture[bytes]
 ) -> None:
     data = payload(3500, seed=4)
     await store(writer, f"{IMG}/c.bin", data)  # chunks of 1000: four rows
@@ -103,7 +103,7 @@ async def test_cat_writes_every_chunk_in_order(
 
 
 async def test_cat_of_a_deleted_file_fails(
-    writer: Backend, site: Path, capsys: pytest.CaptureFixture[str]
+    writer: Layout, site: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     await store(writer, f"{IMG}/d.jpg", b"x", mtime=-1_700_000_000)
     assert await run_cli("cat", "--site", site, f"{IMG}/d.jpg") == 1
@@ -111,19 +111,19 @@ async def test_cat_of_a_deleted_file_fails(
 
 
 async def test_rm_soft_deletes_as_ez_does(
-    writer: Backend, site: Path, capsys: pytest.CaptureFixture[str]
+    writer: Layout, site: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     await store(writer, f"{IMG}/r.jpg", b"abc", mtime=1_700_000_000)
     assert await run_cli("rm", "--site", site, f"{IMG}/r.jpg") == 0
     assert capsys.readouterr().out == "1 file(s) deleted\n"
-    row = await writer.stat_file(f"{IMG}/r.jpg")
+    row = await writer.stat(f"{IMG}/r.jpg")
     assert row is not None and (row.mtime, row.expired, row.size) == (-1_700_000_000, True, 3)
     assert await count(writer, "SELECT COUNT(*) FROM ezdbfile_data WHERE name_hash = ?",
                        md5(f"{IMG}/r.jpg")) == 1  # the bytes stay until a purge
 
 
 async def test_rm_of_a_deleted_file_fails(
-    writer: Backend, site: Path, capsys: pytest.CaptureFixture[str]
+    writer: Layout, site: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     await store(writer, f"{IMG}/r.jpg", b"abc", mtime=-1_700_000_000)
     assert await run_cli("rm", "--site", site, f"{IMG}/r.jpg") == 1
@@ -131,7 +131,7 @@ async def test_rm_of_a_deleted_file_fails(
 
 
 async def test_rm_wildcard_matches_names_exactly(
-    writer: Backend, site: Path, capsys: pytest.CaptureFixture[str]
+    writer: Layout, site: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     names = [
         f"{IMG}/a/tmp1.jpg", f"{IMG}/b/c/tmp2.jpg",  # `*` spans slashes, as in eZ
@@ -148,7 +148,7 @@ async def test_rm_wildcard_matches_names_exactly(
 
 
 async def test_rm_wildcard_takes_like_characters_literally(
-    writer: Backend, site: Path, capsys: pytest.CaptureFixture[str]
+    writer: Layout, site: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     await store(writer, f"{IMG}/a_b%c.jpg", b"x")
     await store(writer, f"{IMG}/aXbYc.jpg", b"x")
@@ -165,7 +165,7 @@ async def test_rm_needs_a_name_or_a_wildcard(
 
 
 async def test_purge_removes_old_deleted_files_and_their_chunks(
-    writer: Backend, site: Path, capsys: pytest.CaptureFixture[str]
+    writer: Layout, site: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     recent = int(time.time()) - 3600
     await store(writer, f"{IMG}/live.jpg", payload(2500), mtime=1_000_000_000)
@@ -183,7 +183,7 @@ async def test_purge_removes_old_deleted_files_and_their_chunks(
 
 
 async def test_verify_passes_a_sound_database(
-    writer: Backend, site: Path, capsys: pytest.CaptureFixture[str]
+    writer: Layout, site: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     await store(writer, f"{IMG}/ok.jpg", payload(3500))
     await store(writer, f"{IMG}/empty.jpg", b"")
@@ -193,14 +193,14 @@ async def test_verify_passes_a_sound_database(
 
 
 async def test_verify_reports_gaps_and_wrong_sizes(
-    writer: Backend, site: Path, capsys: pytest.CaptureFixture[str]
+    writer: Layout, site: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     await store(writer, f"{IMG}/gap.jpg", payload(3500))
     await store(writer, f"{IMG}/short.jpg", payload(3500))
     await store(writer, f"{IMG}/ok.jpg", payload(3500))
-    await writer.execute('DELETE FROM ezdbfile_data WHERE name_hash = ? AND "offset" = ?',
+    await writer.driver.execute('DELETE FROM ezdbfile_data WHERE name_hash = ? AND "offset" = ?',
                          md5(f"{IMG}/gap.jpg"), 1000)
-    await writer.execute("UPDATE ezdbfile SET size = ? WHERE name_hash = ?", 4000,
+    await writer.driver.execute("UPDATE ezdbfile SET size = ? WHERE name_hash = ?", 4000,
                          md5(f"{IMG}/short.jpg"))
     assert await run_cli("verify", "--site", site) == 1
     out = capsys.readouterr()
@@ -212,7 +212,7 @@ async def test_verify_reports_gaps_and_wrong_sizes(
 
 
 async def test_export_filters_by_scope_and_prefix(
-    writer: Backend, site: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    writer: Layout, site: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     await store(writer, f"{IMG}/a.jpg", b"a")
     await store(writer, f"{IMG}/b/c.jpg", b"c")
@@ -226,7 +226,7 @@ async def test_export_filters_by_scope_and_prefix(
 
 
 async def test_export_skips_identical_files(
-    writer: Backend, site: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    writer: Layout, site: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     await store(writer, f"{IMG}/a.jpg", b"abc")
     await store(writer, f"{IMG}/b.jpg", b"def")
@@ -240,7 +240,7 @@ async def test_export_skips_identical_files(
 
 
 async def test_export_refuses_names_that_leave_dest(
-    writer: Backend, site: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    writer: Layout, site: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     await store(writer, "var/../../escaped.jpg", b"x")
     out = tmp_path / "deep" / "out"
@@ -250,7 +250,7 @@ async def test_export_refuses_names_that_leave_dest(
     assert not (tmp_path / "escaped.jpg").exists()
 
 
-async def test_cat_into_a_closed_pipe_says_nothing(site: Path, writer: Backend) -> None:
+async def test_cat_into_a_closed_pipe_says_nothing(site: Path, writer: Layout) -> None:
     """Regression: `serve-image cat NAME | head -c 10` ended in a BrokenPipeError traceback."""
     import subprocess
 

@@ -21,9 +21,9 @@ from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
 from serve_image.app import ServeImage
-from serve_image.backends import Backend
 from serve_image.settings import Settings, settings_from_mapping
-from tests.helpers import IMG, SpyBackend, free_port, payload, running, store
+from serve_image.storage import Layout
+from tests.helpers import IMG, SpyLayout, free_port, payload, running, store
 from tests.live import call, uvicorn_server
 
 DATA = payload(5000, seed=7)
@@ -32,7 +32,7 @@ MARKER = "zq<script>alert(9)</script>"
 
 
 @pytest.fixture
-async def stored(writer: Backend) -> Backend:
+async def stored(writer: Layout) -> Layout:
     await store(writer, f"{IMG}/a.jpg", DATA)
     # Rows a path must never reach: outside the image prefix, and in another var dir.
     await store(writer, "var/site/settings/secret.txt", SECRET, datatype="text/plain")
@@ -75,7 +75,7 @@ HOSTILE_PATHS = [
 
 @pytest.mark.parametrize(("raw", "status"), HOSTILE_PATHS, ids=range(len(HOSTILE_PATHS)))
 async def test_hostile_path_is_a_clear_4xx_without_reaching_another_row(
-    app: ServeImage, stored: Backend, raw: bytes, status: int
+    app: ServeImage, stored: Layout, raw: bytes, status: int
 ) -> None:
     got, headers, body, _ = await call(app, raw)
     assert got == status
@@ -83,7 +83,7 @@ async def test_hostile_path_is_a_clear_4xx_without_reaching_another_row(
     assert headers[b"content-type"].startswith(b"text/plain")
 
 
-async def test_var_dir_confines_the_site(settings: Settings, stored: Backend) -> None:
+async def test_var_dir_confines_the_site(settings: Settings, stored: Layout) -> None:
     app = ServeImage(dataclasses.replace(settings, var_dir="var/site"))
     await app.startup()
     try:
@@ -97,7 +97,7 @@ async def test_var_dir_confines_the_site(settings: Settings, stored: Backend) ->
 
 
 async def test_rejected_paths_never_query_the_database(
-    app: ServeImage, spy: SpyBackend, stored: Backend
+    app: ServeImage, spy: SpyLayout, stored: Layout
 ) -> None:
     # The 400s, 414s and the 404s outside the prefix: decided from the path alone.
     spy.calls.clear()
@@ -124,7 +124,7 @@ RAW_REQUESTS = [
 
 @pytest.mark.parametrize("request_bytes", RAW_REQUESTS, ids=range(len(RAW_REQUESTS)))
 async def test_raw_hostile_requests_through_uvicorn(
-    app: ServeImage, stored: Backend, request_bytes: bytes
+    app: ServeImage, stored: Layout, request_bytes: bytes
 ) -> None:
     async with uvicorn_server(app) as port:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -173,7 +173,7 @@ HOSTILE_HEADERS = [
 
 @pytest.mark.parametrize(("headers", "status"), HOSTILE_HEADERS, ids=range(len(HOSTILE_HEADERS)))
 async def test_hostile_headers_get_the_right_status_with_bounded_reads(
-    app: ServeImage, spy: SpyBackend, stored: Backend,
+    app: ServeImage, spy: SpyLayout, stored: Layout,
     headers: list[tuple[bytes, bytes]], status: int,
 ) -> None:
     spy.calls.clear()
@@ -195,7 +195,7 @@ SQL_NAMES = [
 
 
 async def test_names_with_sql_metacharacters_are_stored_and_served(
-    writer: Backend, client: httpx.AsyncClient
+    writer: Layout, client: httpx.AsyncClient
 ) -> None:
     for i, name in enumerate(SQL_NAMES):
         await store(writer, f"{IMG}/{name}", payload(300 + i, seed=i))
@@ -219,7 +219,7 @@ async def test_names_with_sql_metacharacters_are_stored_and_served(
     ("GET", f"/{IMG}/{MARKER}" + "a" * 20000),
 ])
 async def test_error_responses_never_echo_input(
-    app: ServeImage, stored: Backend, method: str, raw: str
+    app: ServeImage, stored: Layout, method: str, raw: str
 ) -> None:
     status, headers, body, _ = await call(app, raw.encode(), method=method)
     assert 400 <= status < 500
@@ -291,7 +291,7 @@ _HEADERS = st.lists(st.tuples(st.sampled_from([
            suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(raw=_PATHS, headers=_HEADERS, method=st.sampled_from(["GET", "HEAD", "POST", "PUT"]))
 async def test_generated_requests_get_well_formed_answers(
-    app: ServeImage, stored: Backend, raw: bytes, headers: list[tuple[bytes, bytes]],
+    app: ServeImage, stored: Layout, raw: bytes, headers: list[tuple[bytes, bytes]],
     method: str,
 ) -> None:
     status, out, body, messages = await call(app, raw, method, headers)

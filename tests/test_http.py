@@ -14,10 +14,10 @@ from hypothesis import settings as settings_h
 from hypothesis import strategies as st
 
 from serve_image.app import ServeImage
-from serve_image.backends import Backend, make_backend
 from serve_image.conditional import http_date
 from serve_image.settings import Settings
-from tests.helpers import IMG, SpyBackend, md5, payload, store
+from serve_image.storage import Layout, make_layout
+from tests.helpers import IMG, SpyLayout, md5, payload, store
 
 MTIME = 1_700_000_000
 NAME = f"{IMG}/multi.bin"
@@ -26,7 +26,7 @@ DATA = payload(10_000, seed=42)  # 10 chunks of 1000 bytes
 
 
 @pytest.fixture
-async def stored(writer: Backend) -> bytes:
+async def stored(writer: Layout) -> bytes:
     await store(writer, NAME, DATA, datatype="image/png", mtime=MTIME)
     return DATA
 
@@ -65,16 +65,16 @@ async def test_single_range(
 
 
 async def test_range_reads_only_overlapping_chunks(
-    stored: bytes, client: httpx.AsyncClient, spy: SpyBackend, settings: Settings
+    stored: bytes, client: httpx.AsyncClient, spy: SpyLayout, settings: Settings
 ) -> None:
     """A range costs a key-range query for its own chunks, whatever the file's size."""
     r = await client.get(URL, headers={"Range": "bytes=2500-3500"})
     assert r.content == stored[2500:3501]
-    assert spy.calls == ["fetch_meta", "fetch_chunks"]
-    reader = make_backend(settings, readonly=True)
+    assert spy.calls == ["meta", "fetch_chunks"]
+    reader = make_layout(settings, readonly=True)
     await reader.connect()
     try:
-        meta = await reader.fetch_meta(md5(NAME))
+        meta = await reader.meta(md5(NAME))
         assert meta is not None
         chunks = await reader.fetch_chunks(meta, 2500, 3500, 100)
     finally:
@@ -120,7 +120,7 @@ async def test_too_many_ranges_send_whole_file(stored: bytes, client: httpx.Asyn
 
 @pytest.mark.parametrize("spec", ["bytes=10000-", "bytes=-0", "bytes=20000-30000"])
 async def test_unsatisfiable_416(
-    stored: bytes, client: httpx.AsyncClient, spy: SpyBackend, spec: str
+    stored: bytes, client: httpx.AsyncClient, spy: SpyLayout, spec: str
 ) -> None:
     r = await client.get(URL, headers={"Range": spec})
     assert r.status_code == 416
@@ -137,7 +137,7 @@ async def test_malformed_range_is_ignored(
 
 
 async def test_head_with_range_is_206_without_body(
-    stored: bytes, client: httpx.AsyncClient, spy: SpyBackend
+    stored: bytes, client: httpx.AsyncClient, spy: SpyLayout
 ) -> None:
     r = await client.head(URL, headers={"Range": "bytes=10-19"})
     assert r.status_code == 206
@@ -166,7 +166,7 @@ async def test_if_range_date(stored: bytes, client: httpx.AsyncClient) -> None:
 
 
 async def test_if_none_match_304_reads_no_chunk(
-    stored: bytes, client: httpx.AsyncClient, spy: SpyBackend
+    stored: bytes, client: httpx.AsyncClient, spy: SpyLayout
 ) -> None:
     etag = await etag_of(client)
     r = await client.get(URL, headers={"If-None-Match": etag})
@@ -188,7 +188,7 @@ async def test_if_none_match_other_tag_200(stored: bytes, client: httpx.AsyncCli
 
 
 async def test_if_modified_since_304(
-    stored: bytes, client: httpx.AsyncClient, spy: SpyBackend
+    stored: bytes, client: httpx.AsyncClient, spy: SpyLayout
 ) -> None:
     r = await client.get(URL, headers={"If-Modified-Since": http_date(MTIME)})
     assert r.status_code == 304
@@ -203,7 +203,7 @@ async def test_if_modified_since_bad_date_ignored(stored: bytes, client: httpx.A
 
 
 async def test_if_match_412_reads_no_chunk(
-    stored: bytes, client: httpx.AsyncClient, spy: SpyBackend
+    stored: bytes, client: httpx.AsyncClient, spy: SpyLayout
 ) -> None:
     r = await client.get(URL, headers={"If-Match": '"other"'})
     assert r.status_code == 412
@@ -263,7 +263,7 @@ async def test_cache_control_setting(stored: bytes, app_with) -> None:  # type: 
     assert r.headers["cache-control"] == "private, no-cache"
 
 
-async def test_download_non_images(writer: Backend, app_with) -> None:  # type: ignore[no-untyped-def]
+async def test_download_non_images(writer: Layout, app_with) -> None:  # type: ignore[no-untyped-def]
     name = f'{IMG}/r\u00e9sum\u00e9 "final".pdf'
     await store(writer, name, b"%PDF-1.4", datatype="application/pdf")
     await store(writer, f"{IMG}/p.png", b"png", datatype="image/png")

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from serve_image.backends import make_backend
 from serve_image.cluster import ClusterFiles, SourceChanged, _ChunkReader
 from serve_image.progress import Progress
+from serve_image.storage import make_layout
 from serve_image.transfer import Entry, Importer
 from tests.conftest import DatabaseFactory, _server_constants
 from tests.filetree import (
@@ -48,16 +48,16 @@ async def site(databases: DatabaseFactory, backend_name: str, tmp_path: Path) ->
 
 
 async def rows(site: Site, statement: str, *args: object) -> list[tuple[object, ...]]:
-    backend = make_backend(site.settings)
+    backend = make_layout(site.settings)
     await backend.connect()
     try:
-        return await backend.query(statement, *args)
+        return await backend.driver.fetch(statement, *args)
     finally:
         await backend.close()
 
 
 async def broken_files(site: Site) -> list[str]:
-    backend = make_backend(site.settings)
+    backend = make_layout(site.settings)
     await backend.connect()
     try:
         return [f"{f.name}: {f.problem}" async for f in backend.verify()]
@@ -236,7 +236,7 @@ async def test_file_vanishing_before_it_is_read_is_reported(
     entry = Entry(str(path), "var/site/storage/images/gone.jpg", 4, BASE_MTIME)
     path.unlink()
     progress = RecordingProgress()
-    backend = make_backend(site.settings)
+    backend = make_layout(site.settings)
     await backend.connect()
     try:
         importer = Importer(ClusterFiles(backend), progress)
@@ -377,13 +377,14 @@ async def test_a_file_the_database_refuses_is_reported_and_the_run_goes_on(
 ) -> None:
     """Regression: a refused statement (a .docx MIME type, 71 characters, into eZ's
     VARCHAR(60) datatype) was taken for an outage: retried, then the run ended."""
-    backend = make_backend(site.settings)
+    backend = make_layout(site.settings)
     await backend.connect()
     try:
         if site.settings.backend == "mysql":
-            await backend.execute("ALTER TABLE ezdbfile MODIFY datatype VARCHAR(60) NOT NULL")
+            alter = "ALTER TABLE ezdbfile MODIFY datatype VARCHAR(60) NOT NULL"
         else:
-            await backend.execute("ALTER TABLE ezdbfile ALTER COLUMN datatype TYPE VARCHAR(60)")
+            alter = "ALTER TABLE ezdbfile ALTER COLUMN datatype TYPE VARCHAR(60)"
+        await backend.driver.execute(alter)
     finally:
         await backend.close()
     root = tmp_path / "root"

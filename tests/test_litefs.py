@@ -17,10 +17,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from serve_image.backends import Backend, make_backend
 from serve_image.cli import main
-from serve_image.errors import DatabaseUnavailable
 from serve_image.settings import Settings, load_site
+from serve_image.storage import DatabaseUnavailable, Layout, make_layout
 from tests.helpers import IMG, free_port, payload, store
 
 MTIME = 1_700_000_000
@@ -38,9 +37,9 @@ def node(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-async def primary(node: Path) -> AsyncIterator[Backend]:
+async def primary(node: Path) -> AsyncIterator[Layout]:
     """The primary's writer (another process, as far as a server subprocess is concerned)."""
-    b = make_backend(load_site(str(node)))
+    b = make_layout(load_site(str(node)))
     await b.connect()
     await b.create_tables()
     yield b
@@ -91,7 +90,7 @@ async def test_init_db_on_the_primary_creates_the_tables(
 
 
 async def test_prune_local_runs_on_a_replica(
-    node: Path, primary: Backend, capsys: pytest.CaptureFixture[str]
+    node: Path, primary: Layout, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # Every node prunes its own disk, so prune-local only reads the database.
     add_local_copy_dir(node)
@@ -102,18 +101,18 @@ async def test_prune_local_runs_on_a_replica(
     )
 
 
-async def test_the_endpoints_connection_cannot_write(node: Path, primary: Backend) -> None:
-    reader = make_backend(make_replica(node), readonly=True)
+async def test_the_endpoints_connection_cannot_write(node: Path, primary: Layout) -> None:
+    reader = make_layout(make_replica(node), readonly=True)
     await reader.connect()
     try:
         with pytest.raises(DatabaseUnavailable, match="attempt to write a readonly database"):
-            await reader.execute("DELETE FROM ezdbfile")
+            await reader.driver.execute("DELETE FROM ezdbfile")
     finally:
         await reader.close()
 
 
 @pytest.fixture
-def replica_server(node: Path, primary: Backend) -> Iterator[str]:
+def replica_server(node: Path, primary: Layout) -> Iterator[str]:
     """A real `serve-image serve` on the replica's read-only database file."""
     make_replica(node)
     port = free_port()
@@ -143,7 +142,7 @@ def replica_server(node: Path, primary: Backend) -> Iterator[str]:
 
 
 async def test_running_endpoint_serves_a_file_written_after_start_up(
-    replica_server: str, primary: Backend
+    replica_server: str, primary: Layout
 ) -> None:
     async with httpx.AsyncClient(base_url=replica_server) as client:
         before = await client.get(f"/{IMG}/new.jpg")
@@ -155,7 +154,7 @@ async def test_running_endpoint_serves_a_file_written_after_start_up(
 
 
 async def test_running_endpoint_serves_the_new_version_of_a_replaced_file(
-    replica_server: str, primary: Backend
+    replica_server: str, primary: Layout
 ) -> None:
     async with httpx.AsyncClient(base_url=replica_server) as client:
         await store(primary, f"{IMG}/a.jpg", payload(800, seed=1), mtime=MTIME)

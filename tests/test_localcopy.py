@@ -18,10 +18,10 @@ import pytest
 
 from serve_image import localfs
 from serve_image.app import ServeImage
-from serve_image.backends import Backend
 from serve_image.cli import main
 from serve_image.commands.local import prune
 from serve_image.settings import Settings, SiteConfigError, load_site
+from serve_image.storage import Layout
 from tests.helpers import IMG, md5, payload, running, store
 
 MTIME = 1_700_000_000
@@ -58,7 +58,7 @@ def files_under(root: Path) -> list[str]:
 
 
 async def test_multi_chunk_copy_is_byte_identical_with_the_rows_mtime(
-    settings: Settings, writer: Backend, root: Path
+    settings: Settings, writer: Layout, root: Path
 ) -> None:
     data = payload(2500, seed=1)  # three chunks of 1000: re-read from the database
     await store(writer, f"{IMG}/a.jpg", data, mtime=MTIME)
@@ -74,7 +74,7 @@ async def test_multi_chunk_copy_is_byte_identical_with_the_rows_mtime(
 
 @sqlite_only
 async def test_single_chunk_copy_is_the_served_bytes(
-    settings: Settings, writer: Backend, root: Path
+    settings: Settings, writer: Layout, root: Path
 ) -> None:
     data = payload(700, seed=2)
     await store(writer, f"{IMG}/small.png", data, mtime=MTIME, datatype="image/png")
@@ -87,7 +87,7 @@ async def test_single_chunk_copy_is_the_served_bytes(
 
 
 @sqlite_only
-async def test_empty_file_is_copied(settings: Settings, writer: Backend, root: Path) -> None:
+async def test_empty_file_is_copied(settings: Settings, writer: Layout, root: Path) -> None:
     await store(writer, f"{IMG}/empty.txt", b"", mtime=MTIME, datatype="text/plain")
     async with serving(settings, root) as (app, client):
         r = await client.get(f"/{IMG}/empty.txt")
@@ -98,7 +98,7 @@ async def test_empty_file_is_copied(settings: Settings, writer: Backend, root: P
 
 @sqlite_only
 async def test_head_and_ranges_make_no_copy(
-    settings: Settings, writer: Backend, root: Path
+    settings: Settings, writer: Layout, root: Path
 ) -> None:
     await store(writer, f"{IMG}/a.jpg", payload(2500), mtime=MTIME)
     async with serving(settings, root) as (app, client):
@@ -111,7 +111,7 @@ async def test_head_and_ranges_make_no_copy(
 
 @sqlite_only
 async def test_reader_never_sees_a_partial_copy(
-    settings: Settings, writer: Backend, root: Path
+    settings: Settings, writer: Layout, root: Path
 ) -> None:
     data = payload(4 * 1024 * 1024, seed=3)  # 4,195 chunk rows, about 16 re-read batches
     await store(writer, f"{IMG}/big.bin", data, mtime=MTIME, datatype="application/octet-stream")
@@ -148,7 +148,7 @@ async def test_reader_never_sees_a_partial_copy(
 
 @sqlite_only
 async def test_replaced_file_is_copied_again(
-    settings: Settings, writer: Backend, root: Path
+    settings: Settings, writer: Layout, root: Path
 ) -> None:
     await store(writer, f"{IMG}/a.jpg", payload(900, seed=1), mtime=MTIME)
     new = payload(1200, seed=2)
@@ -168,7 +168,7 @@ async def test_replaced_file_is_copied_again(
 
 
 @sqlite_only
-async def test_budget_holds(settings: Settings, writer: Backend, root: Path) -> None:
+async def test_budget_holds(settings: Settings, writer: Layout, root: Path) -> None:
     for n in range(3):
         await store(writer, f"{IMG}/{n}.jpg", payload(1000, seed=n), mtime=MTIME)
     async with serving(settings, root, max_bytes=2500) as (app, client):
@@ -181,7 +181,7 @@ async def test_budget_holds(settings: Settings, writer: Backend, root: Path) -> 
 
 @sqlite_only
 async def test_budget_counts_copies_already_on_disk(
-    settings: Settings, writer: Backend, root: Path
+    settings: Settings, writer: Layout, root: Path
 ) -> None:
     old = root / "var/other/storage/images/old.jpg"  # another site's copy, same budget
     old.parent.mkdir(parents=True)
@@ -200,7 +200,7 @@ async def test_budget_counts_copies_already_on_disk(
 
 @sqlite_only
 async def test_symlinked_directory_is_not_followed(
-    settings: Settings, writer: Backend, root: Path, tmp_path: Path,
+    settings: Settings, writer: Layout, root: Path, tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     outside = tmp_path / "outside"
@@ -221,7 +221,7 @@ async def test_symlinked_directory_is_not_followed(
 
 @sqlite_only
 async def test_symlink_at_the_target_is_replaced_not_written_through(
-    settings: Settings, writer: Backend, root: Path, tmp_path: Path
+    settings: Settings, writer: Layout, root: Path, tmp_path: Path
 ) -> None:
     victim = tmp_path / "victim"
     victim.write_bytes(b"keep me")
@@ -239,7 +239,7 @@ async def test_symlink_at_the_target_is_replaced_not_written_through(
 
 @sqlite_only
 async def test_write_error_only_logs(
-    settings: Settings, writer: Backend, root: Path, caplog: pytest.LogCaptureFixture
+    settings: Settings, writer: Layout, root: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     (root / "var").write_bytes(b"a file where a directory should be")
     data = payload(2500)
@@ -260,7 +260,7 @@ async def test_write_error_only_logs(
 
 @sqlite_only
 async def test_failed_write_only_logs_and_leaves_no_temporary_file(
-    settings: Settings, writer: Backend, root: Path, caplog: pytest.LogCaptureFixture
+    settings: Settings, writer: Layout, root: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     # A real write error in the middle of a copy, as a full disk gives: the
     # file-size limit makes write(2) fail with EFBIG past 64 KiB (Python
@@ -327,18 +327,18 @@ def put_copy(root: Path, name: str, data: bytes, mtime: int = MTIME) -> Path:
 
 
 async def test_prune_removes_stale_copies_and_keeps_good_ones(
-    settings: Settings, writer: Backend, root: Path
+    settings: Settings, writer: Layout, root: Path
 ) -> None:
     data = payload(1500)
     for name in ("good", "deleted", "expired", "newer"):
         await store(writer, f"{IMG}/{name}.jpg", data, mtime=MTIME)
         put_copy(root, f"{IMG}/{name}.jpg", data)
     put_copy(root, f"{IMG}/gone.jpg", data)  # never had a row
-    await writer.execute(
+    await writer.driver.execute(
         "UPDATE ezdbfile SET mtime = -mtime, expired = TRUE "
         f"WHERE name_hash = '{md5(f'{IMG}/deleted.jpg')}'"
     )
-    await writer.execute(
+    await writer.driver.execute(
         f"UPDATE ezdbfile SET expired = TRUE WHERE name_hash = '{md5(f'{IMG}/expired.jpg')}'"
     )
     await store(writer, f"{IMG}/newer.jpg", data, mtime=MTIME + 1)
@@ -359,7 +359,7 @@ async def test_prune_removes_stale_copies_and_keeps_good_ones(
 
 @sqlite_only
 async def test_prune_removes_a_copy_of_another_size(
-    settings: Settings, writer: Backend, root: Path
+    settings: Settings, writer: Layout, root: Path
 ) -> None:
     await store(writer, f"{IMG}/a.jpg", payload(1500), mtime=MTIME)
     put_copy(root, f"{IMG}/a.jpg", payload(1000))  # a truncated copy made by hand
@@ -369,7 +369,7 @@ async def test_prune_removes_a_copy_of_another_size(
 
 @sqlite_only
 async def test_prune_removes_only_old_temporary_files(
-    settings: Settings, writer: Backend, root: Path
+    settings: Settings, writer: Layout, root: Path
 ) -> None:
     old = put_copy(root, f"{IMG}/.a.jpg.1{localfs.TEMP_SUFFIX}", b"x",
                    mtime=int(time.time()) - localfs.STALE_TEMP_SECONDS - 10)
@@ -381,7 +381,7 @@ async def test_prune_removes_only_old_temporary_files(
 
 @sqlite_only
 async def test_prune_touches_neither_symlinks_nor_other_sites(
-    settings: Settings, writer: Backend, root: Path, tmp_path: Path
+    settings: Settings, writer: Layout, root: Path, tmp_path: Path
 ) -> None:
     victim = tmp_path / "victim.jpg"
     victim.write_bytes(b"keep me")
@@ -407,7 +407,7 @@ def write_site(tmp_path: Path, settings: Settings, root: Path | None) -> Path:
 
 @sqlite_only
 async def test_prune_local_command(
-    settings: Settings, writer: Backend, root: Path, tmp_path: Path,
+    settings: Settings, writer: Layout, root: Path, tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     await store(writer, f"{IMG}/good.jpg", b"good", mtime=MTIME)

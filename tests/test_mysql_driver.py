@@ -11,8 +11,8 @@ import httpx
 import pytest
 
 from serve_image.app import ServeImage
-from serve_image.backends import Backend, make_backend
 from serve_image.settings import Settings, SiteConfigError, settings_from_mapping
+from serve_image.storage import Layout, make_layout
 from tests.conftest import DatabaseFactory
 from tests.helpers import IMG, free_port, payload, running, store
 
@@ -20,9 +20,9 @@ pytestmark = pytest.mark.mysql
 
 
 @pytest.fixture
-async def aiomysql_site(databases: DatabaseFactory) -> AsyncIterator[tuple[Settings, Backend]]:
+async def aiomysql_site(databases: DatabaseFactory) -> AsyncIterator[tuple[Settings, Layout]]:
     settings = await databases.settings("mysql", STORAGE_DRIVER="aiomysql", STORAGE_CHUNK_SIZE=1000)
-    writer = make_backend(settings)
+    writer = make_layout(settings)
     await writer.connect()
     await writer.create_tables()
     yield settings, writer
@@ -30,13 +30,13 @@ async def aiomysql_site(databases: DatabaseFactory) -> AsyncIterator[tuple[Setti
 
 
 @pytest.fixture
-async def client(aiomysql_site: tuple[Settings, Backend]) -> AsyncIterator[httpx.AsyncClient]:
+async def client(aiomysql_site: tuple[Settings, Layout]) -> AsyncIterator[httpx.AsyncClient]:
     async with running(ServeImage(aiomysql_site[0])) as c:
         yield c
 
 
 async def test_files_of_one_and_of_many_chunks_are_served_whole(
-    aiomysql_site: tuple[Settings, Backend], client: httpx.AsyncClient
+    aiomysql_site: tuple[Settings, Layout], client: httpx.AsyncClient
 ) -> None:
     writer = aiomysql_site[1]
     small, large = payload(700, seed=1), payload(5500, seed=2)
@@ -49,7 +49,7 @@ async def test_files_of_one_and_of_many_chunks_are_served_whole(
 
 
 async def test_a_range_reads_only_its_bytes(
-    aiomysql_site: tuple[Settings, Backend], client: httpx.AsyncClient
+    aiomysql_site: tuple[Settings, Layout], client: httpx.AsyncClient
 ) -> None:
     data = payload(5500, seed=3)
     await store(aiomysql_site[1], f"{IMG}/r.jpg", data)
@@ -100,10 +100,10 @@ async def test_connections_come_from_the_chosen_driver(
     databases: DatabaseFactory, driver: str | None
 ) -> None:
     extra = {} if driver is None else {"STORAGE_DRIVER": driver}
-    backend = make_backend(await databases.settings("mysql", **extra))
+    backend = make_layout(await databases.settings("mysql", **extra))
     await backend.connect()
     try:
-        async with backend.failover.connection("test") as conn:  # type: ignore[attr-defined]
+        async with backend.driver.failover.connection("test") as conn:  # type: ignore[attr-defined]
             module = type(conn).__module__.split(".")[0]
     finally:
         await backend.close()

@@ -17,8 +17,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from serve_image.app import ServeImage
-from serve_image.backends import Backend
 from serve_image.settings import Settings, settings_from_mapping
+from serve_image.storage import Layout
 from tests.helpers import IMG, free_port, payload, running, store
 from tests.live import call
 
@@ -27,7 +27,7 @@ A = f"/{IMG}/a.jpg"
 
 
 @pytest.fixture
-async def observed(settings: Settings, writer: Backend, request: pytest.FixtureRequest
+async def observed(settings: Settings, writer: Layout, request: pytest.FixtureRequest
                    ) -> AsyncIterator[tuple[ServeImage, httpx.AsyncClient]]:
     await store(writer, A[1:], DATA)
     changes = getattr(request, "param", {})
@@ -45,7 +45,8 @@ async def test_off_by_default_nothing_wraps_a_request(
 ) -> None:
     app, c = observed
     assert app.observer is None
-    assert getattr(app.backend, "failover", None) is None or app.backend.failover.observer is None  # type: ignore[attr-defined]
+    failover = getattr(app.layout.driver, "failover", None)  # SQLite has none
+    assert failover is None or failover.observer is None
     with caplog.at_level(logging.DEBUG):
         assert (await c.get(A)).status_code == 200
     assert access_lines(caplog) == []
@@ -91,12 +92,12 @@ async def test_text_access_log_stays_one_line_whatever_the_path(
 @pytest.mark.parametrize("observed", [{"access_log": "json"}], indirect=True)
 async def test_access_log_marks_a_cut_off_response(
     observed: tuple[ServeImage, httpx.AsyncClient], caplog: pytest.LogCaptureFixture,
-    writer: Backend,
+    writer: Layout,
 ) -> None:
     app, _ = observed
     big = payload(5000, seed=4)
     await store(writer, f"{IMG}/broken.jpg", big)
-    await writer.execute('DELETE FROM ezdbfile_data WHERE "offset" > 0')
+    await writer.driver.execute('DELETE FROM ezdbfile_data WHERE "offset" > 0')
     with caplog.at_level(logging.INFO, "serve_image.access"):
         status, _, body, messages = await call(app, f"/{IMG}/broken.jpg".encode())
     assert (status, len(body)) == (200, 1000)
@@ -141,7 +142,7 @@ async def test_metrics_count_requests_bytes_latency_and_queries(
 
 
 @pytest.mark.parametrize("backend_name", ["mysql", "pgsql"])
-async def test_metrics_show_a_server_put_aside(settings: Settings, writer: Backend) -> None:
+async def test_metrics_show_a_server_put_aside(settings: Settings, writer: Layout) -> None:
     await store(writer, A[1:], DATA)
     dead = f"127.0.0.1:{free_port()}"
     live = f"{settings.host}:{settings.port}"
@@ -161,12 +162,12 @@ async def test_metrics_show_a_server_put_aside(settings: Settings, writer: Backe
 
 async def test_metrics_add_up_over_several_workers(tmp_path: Path) -> None:
     """Two uvicorn worker processes; every scrape, whichever worker answers, shows all."""
-    from serve_image.backends import make_backend
+    from serve_image.storage import make_layout
 
     db = tmp_path / "w.sqlite"
     site = tmp_path / "workers.py"
     site.write_text(f'STORAGE_DB = {str(db)!r}\nMETRICS_PATH = "/-/metrics"\n')
-    b = make_backend(settings_from_mapping({"STORAGE_DB": str(db)}, "<w>"))
+    b = make_layout(settings_from_mapping({"STORAGE_DB": str(db)}, "<w>"))
     await b.connect()
     await b.create_tables()
     await store(b, A[1:], DATA)

@@ -6,17 +6,17 @@ from pathlib import Path
 
 import pytest
 
-from serve_image.backends import Backend
 from serve_image.cli import main
 from serve_image.settings import Settings
+from serve_image.storage import Layout
 from tests.helpers import IMG, md5, payload, store
 
 
-async def test_create_tables_twice_keeps_data(writer: Backend) -> None:
+async def test_create_tables_twice_keeps_data(writer: Layout) -> None:
     data = payload(2500)
     await store(writer, f"{IMG}/keep.jpg", data)
     await writer.create_tables()  # a second time: no error, no warning, nothing lost
-    meta = await writer.fetch_meta(md5(f"{IMG}/keep.jpg"))
+    meta = await writer.meta(md5(f"{IMG}/keep.jpg"))
     assert meta is not None and meta.size == 2500
     chunks = await writer.fetch_chunks(meta, 0, 2499, 10)
     assert b"".join(c.data for c in chunks) == data

@@ -12,9 +12,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from serve_image.backends import make_backend
 from serve_image.conditional import http_date
 from serve_image.settings import load_site
+from serve_image.storage import make_layout
 from tests.helpers import IMG, free_port, payload, store
 
 MTIME = 1_700_000_000
@@ -36,7 +36,7 @@ def site_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     async def fill() -> None:
         settings = load_site(str(site))
-        b = make_backend(settings)
+        b = make_layout(settings)
         await b.connect()
         await b.create_tables()
         await store(b, f"{IMG}/big.bin", BIG, mtime=MTIME, datatype="application/octet-stream")
@@ -136,7 +136,7 @@ def test_replaced_mid_stream_breaks_the_transfer(server: Server) -> None:
     old, new = payload(8 * 1024 * 1024, 1), payload(8 * 1024 * 1024, 2)
 
     async def put(data: bytes, mtime: int) -> None:
-        b = make_backend(load_site(str(server.site)))
+        b = make_layout(load_site(str(server.site)))
         await b.connect()
         await store(b, name, data, mtime=mtime)
         await b.close()

@@ -19,7 +19,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from serve_image.backends import Backend, make_backend
+from serve_image.storage import Layout, make_layout
 from tests.conftest import DatabaseFactory, _server_constants
 from tests.filetree import Site, cli_command, make_site, write
 
@@ -42,8 +42,8 @@ def watcher(site: Site, root: Path, journal: Path, log: Path) -> Iterator[subpro
 
 
 @asynccontextmanager
-async def connected(site: Site) -> AsyncIterator[Backend]:
-    backend = make_backend(site.settings)
+async def connected(site: Site) -> AsyncIterator[Layout]:
+    backend = make_layout(site.settings)
     await backend.connect()
     try:
         yield backend
@@ -187,7 +187,7 @@ async def _async(value: bool) -> bool:
 
 
 async def _is_unreachable(site: Site) -> bool:
-    from serve_image.errors import DatabaseUnavailable
+    from serve_image.storage import DatabaseUnavailable
 
     try:
         await stored(site, f"{IMG}/a.jpg")

@@ -20,9 +20,9 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from pathlib import Path
 from typing import Any
 
-from serve_image.backends.base import name_hash
 from serve_image.conditional import http_date, make_etag
 from serve_image.headers import Clock
+from serve_image.storage import name_hash
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]

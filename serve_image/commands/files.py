@@ -10,11 +10,11 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from serve_image.backends.base import Backend, StoredFile
-from serve_image.cli import CommandError, add_site_argument, run_with_backend
+from serve_image.cli import CommandError, add_site_argument, run_with_storage
 from serve_image.cluster import ClusterFiles, FileBroken
 from serve_image.progress import Progress, human_bytes
 from serve_image.settings import Settings, load_site
+from serve_image.storage import Layout, StoredFile
 from serve_image.transfer import Importer, Tally, TransferError, export_tree
 from serve_image.watch import Journal, Watcher
 
@@ -50,10 +50,10 @@ def cmd_import(args: argparse.Namespace) -> int:
     if args.watch:
         return _watch(args, root)
 
-    async def work(backend: Backend) -> Tally:
+    async def work(layout: Layout) -> Tally:
         progress = Progress("import", enabled=not args.quiet)
         importer = Importer(
-            ClusterFiles(backend), progress, force=args.force, dry_run=args.dry_run,
+            ClusterFiles(layout), progress, force=args.force, dry_run=args.dry_run,
             remove=args.remove, jobs=_jobs(settings, args.jobs),
         )
         try:
@@ -63,7 +63,7 @@ def cmd_import(args: argparse.Namespace) -> int:
 
     started = time.monotonic()
     try:
-        tally = asyncio.run(run_with_backend(settings, work, readonly=args.dry_run))
+        tally = asyncio.run(run_with_storage(settings, work, readonly=args.dry_run))
     except TransferError as e:
         raise CommandError(str(e)) from None
     print(_summary("stored", tally, time.monotonic() - started, args.dry_run))
@@ -83,14 +83,14 @@ def _watch(args: argparse.Namespace, root: Path) -> int:
     except (sqlite3.Error, OSError) as e:
         raise CommandError(f"--journal {journal_path}: cannot open it: {e}") from None
 
-    async def work(backend: Backend) -> int:
-        watcher = Watcher(ClusterFiles(backend), root, journal, var_dir=settings.var_dir,
+    async def work(layout: Layout) -> int:
+        watcher = Watcher(ClusterFiles(layout), root, journal, var_dir=settings.var_dir,
                           jobs=_jobs(settings, args.jobs))
         await watcher.run()
         return 1 if watcher.failed else 0
 
     try:
-        return int(asyncio.run(run_with_backend(settings, work, readonly=False)))
+        return int(asyncio.run(run_with_storage(settings, work, readonly=False)))
     finally:
         journal.close()
 
@@ -99,16 +99,16 @@ def cmd_export(args: argparse.Namespace) -> int:
     settings = load_site(args.site)
     dest = Path(args.dest)
 
-    async def work(backend: Backend) -> Tally:
+    async def work(layout: Layout) -> Tally:
         progress = Progress("export", enabled=not args.quiet)
         try:
-            return await export_tree(ClusterFiles(backend), dest, progress, prefix=args.prefix,
+            return await export_tree(ClusterFiles(layout), dest, progress, prefix=args.prefix,
                                      scope=args.scope)
         finally:
             progress.close()
 
     started = time.monotonic()
-    tally = asyncio.run(run_with_backend(settings, work, readonly=True))
+    tally = asyncio.run(run_with_storage(settings, work, readonly=True))
     print(_summary("exported", tally, time.monotonic() - started))
     return 1 if tally.failed else 0
 
@@ -125,21 +125,21 @@ def _long(f: StoredFile) -> str:
 def cmd_ls(args: argparse.Namespace) -> int:
     settings = load_site(args.site)
 
-    async def work(backend: Backend) -> int:
+    async def work(layout: Layout) -> int:
         shown = 0
-        async for f in ClusterFiles(backend).list(args.prefix, scope=args.scope,
+        async for f in ClusterFiles(layout).list(args.prefix, scope=args.scope,
                                                   include_deleted=args.deleted):
             print(_long(f) if args.long else f.name)
             shown += 1
         return shown
 
-    asyncio.run(run_with_backend(settings, work, readonly=True))
+    asyncio.run(run_with_storage(settings, work, readonly=True))
     return 0
 
 
 def cmd_stat(args: argparse.Namespace) -> int:
     settings = load_site(args.site)
-    f = asyncio.run(run_with_backend(settings, lambda b: ClusterFiles(b).stat(args.name),
+    f = asyncio.run(run_with_storage(settings, lambda b: ClusterFiles(b).stat(args.name),
                                      readonly=True))
     if f is None:
         raise CommandError(f"{args.name}: no such file")
@@ -156,8 +156,8 @@ def cmd_stat(args: argparse.Namespace) -> int:
 def cmd_cat(args: argparse.Namespace) -> int:
     settings = load_site(args.site)
 
-    async def work(backend: Backend) -> bool:
-        found = await ClusterFiles(backend).read(args.name)
+    async def work(layout: Layout) -> bool:
+        found = await ClusterFiles(layout).read(args.name)
         if found is None:
             return False
         out = sys.stdout.buffer
@@ -169,7 +169,7 @@ def cmd_cat(args: argparse.Namespace) -> int:
         out.flush()
         return True
 
-    if not asyncio.run(run_with_backend(settings, work, readonly=True)):
+    if not asyncio.run(run_with_storage(settings, work, readonly=True)):
         raise CommandError(f"{args.name}: no such file")
     return 0
 
@@ -179,13 +179,13 @@ def cmd_rm(args: argparse.Namespace) -> int:
         raise CommandError("give either a NAME or --wildcard PATTERN")
     settings = load_site(args.site)
 
-    async def work(backend: Backend) -> list[str]:
-        cluster = ClusterFiles(backend)
+    async def work(layout: Layout) -> list[str]:
+        cluster = ClusterFiles(layout)
         if args.wildcard is not None:
             return await cluster.delete_by_wildcard(args.wildcard)
         return [args.name] if await cluster.delete(args.name) else []
 
-    deleted = asyncio.run(run_with_backend(settings, work, readonly=False))
+    deleted = asyncio.run(run_with_storage(settings, work, readonly=False))
     if args.name is not None and not deleted:
         raise CommandError(f"{args.name}: no such file")
     for name in deleted if args.verbose else ():
@@ -198,7 +198,7 @@ def cmd_purge(args: argparse.Namespace) -> int:
     if args.older_than < 0:
         raise CommandError("--older-than must be 0 or more days")
     settings = load_site(args.site)
-    files, size = asyncio.run(run_with_backend(
+    files, size = asyncio.run(run_with_storage(
         settings, lambda b: ClusterFiles(b).purge(args.older_than, dry_run=args.dry_run),
         readonly=False,
     ))
@@ -210,14 +210,14 @@ def cmd_purge(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     settings = load_site(args.site)
 
-    async def work(backend: Backend) -> int:
+    async def work(layout: Layout) -> int:
         broken = 0
-        async for f in ClusterFiles(backend).verify():
+        async for f in ClusterFiles(layout).verify():
             broken += 1
             print(f"{f.name}: {f.problem}")
         return broken
 
-    broken = asyncio.run(run_with_backend(settings, work, readonly=True))
+    broken = asyncio.run(run_with_storage(settings, work, readonly=True))
     print(f"{broken} broken file(s)", file=sys.stderr)
     return 1 if broken else 0
 

@@ -7,10 +7,9 @@ import asyncio
 import dataclasses
 
 from serve_image import localfs
-from serve_image.backends import Backend, FileMeta
-from serve_image.backends.base import name_hash
-from serve_image.cli import CommandError, add_site_argument, run_with_backend
+from serve_image.cli import CommandError, add_site_argument, run_with_storage
 from serve_image.settings import Settings, load_site
+from serve_image.storage import FileMeta, Layout, name_hash
 
 
 @dataclasses.dataclass
@@ -30,7 +29,7 @@ def _stale_reason(found: localfs.LocalFile, meta: FileMeta | None) -> str | None
     return None
 
 
-async def prune(settings: Settings, backend: Backend, *, dry_run: bool = False) -> PruneReport:
+async def prune(settings: Settings, layout: Layout, *, dry_run: bool = False) -> PruneReport:
     """Remove this site's copies whose row is gone, deleted, expired or of another mtime/size."""
     root = settings.local_copy_dir
     if root is None:
@@ -41,7 +40,7 @@ async def prune(settings: Settings, backend: Backend, *, dry_run: bool = False) 
         if item.temporary:
             reason = "left by a crash" if localfs.stale_temp(item) else None
         else:
-            meta = await backend.fetch_meta(name_hash(item.name))
+            meta = await layout.meta(name_hash(item.name))
             reason = _stale_reason(item, meta)
         if reason is None:
             report.kept += 1
@@ -60,7 +59,7 @@ def cmd_prune_local(args: argparse.Namespace) -> int:
     settings = load_site(args.site)
     # Read-only: every node prunes its own disk, LiteFS replicas included.
     report: PruneReport = asyncio.run(
-        run_with_backend(settings, lambda b: prune(settings, b, dry_run=args.dry_run),
+        run_with_storage(settings, lambda b: prune(settings, b, dry_run=args.dry_run),
                          readonly=True)
     )
     verb = "would remove" if args.dry_run else "removed"

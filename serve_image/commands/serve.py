@@ -5,20 +5,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import time
 from pathlib import Path
 
-from serve_image.backends import make_backend
-from serve_image.backends.base import name_hash
-from serve_image.cli import add_site_argument, run_with_backend
+from serve_image.cli import add_site_argument, run_with_storage
+from serve_image.cluster import ClusterFiles
 from serve_image.observability import multiprocess_metrics
 from serve_image.samples import demo_files
 from serve_image.settings import Settings, load_site, resolve_site_path
+from serve_image.storage import make_layout
 
 
 def cmd_init_db(args: argparse.Namespace) -> int:
     settings = load_site(args.site)
-    asyncio.run(run_with_backend(settings, lambda b: b.create_tables()))
+    asyncio.run(run_with_storage(settings, lambda layout: layout.create_tables()))
     print(f"tables ready in {settings.describe()}")
     return 0
 
@@ -40,30 +39,21 @@ def _serve(site_path: Path, host: str, port: int, workers: int, log_level: str) 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     settings = load_site(args.site)  # fail here, with the file and constant, not in a worker
-    make_backend(settings)  # and here if its driver is missing
+    make_layout(settings)  # and here if its driver is missing
     with multiprocess_metrics(settings, args.workers):
         _serve(resolve_site_path(args.site), args.host, args.port, args.workers, args.log_level)
     return 0
 
 
 async def _ensure_demo(settings: Settings) -> list[str]:
-    backend = make_backend(settings)
-    await backend.connect()
-    try:
-        await backend.create_tables()
+    async with ClusterFiles.open(settings) as cluster:
+        await cluster.layout.create_tables()
         names = []
         for name, datatype, data in demo_files(settings.var_dir or "var/demo"):
             names.append(name)
-            if await backend.fetch_meta(name_hash(name)) is not None:
-                continue
-            size = settings.chunk_size
-            await backend.store(
-                name, (data[i:i + size] for i in range(0, len(data), size)), size=len(data),
-                mtime=int(time.time()), datatype=datatype, scope="image",
-            )
+            if await cluster.stat(name) is None:
+                await cluster.store_contents(name, data, datatype=datatype, scope="image")
         return names
-    finally:
-        await backend.close()
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

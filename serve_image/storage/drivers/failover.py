@@ -26,10 +26,11 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
-from typing import Generic, Protocol, TypeVar
+from typing import Generic, TypeVar
 
-from serve_image.errors import DatabaseUnavailable, StatementFailed
 from serve_image.settings import Settings, StorageHost
+from serve_image.storage.drivers.base import Observer
+from serve_image.storage.errors import DatabaseUnavailable, StatementFailed
 
 logger = logging.getLogger("serve_image.failover")
 
@@ -50,15 +51,6 @@ class QueryTimedOut(DatabaseUnavailable):
 
     Not tried again: a second wait would double the time to the 503.
     """
-
-
-class FailoverObserver(Protocol):
-    """What the metrics want to hear about (observability.py implements it)."""
-
-    def query(self, host: str, seconds: float) -> None: ...
-    def in_use(self, host: str, delta: int) -> None: ...
-    def waiting(self, host: str, delta: int) -> None: ...
-    def health(self, host: str, up: bool) -> None: ...
 
 
 class HostPool(abc.ABC, Generic[C]):
@@ -130,7 +122,7 @@ class Failover(Generic[C]):
         # Driver errors that are the statement's, not the connection's.
         self.statement_errors = statement_errors
         self._probe_errors: tuple[type[BaseException], ...] = (TimeoutError, *driver_errors)
-        self.observer: FailoverObserver | None = None
+        self.observer: Observer | None = None
         self._closed = False
 
     # -- life cycle -------------------------------------------------------
@@ -157,11 +149,7 @@ class Failover(Generic[C]):
 
     # -- connections --------------------------------------------------------
     def _message(self, what: str) -> str:
-        return self._scrub(f"{self.settings.describe()}: {what}")
-
-    def _scrub(self, text: str) -> str:
-        password = self.settings.password
-        return text.replace(password, "***") if password else text
+        return self.settings.scrub(f"{self.settings.describe()}: {what}")
 
     async def _acquire(self, doing: str) -> tuple[Host, C]:
         tried = False

@@ -1,0 +1,1 @@
+"""Database drivers: connections, pools, failover, dialect and errors of each database."""

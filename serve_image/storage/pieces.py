@@ -1,0 +1,74 @@
+"""The checked walk over a file stored in pieces (chunk rows, slices of a large object).
+
+Written once for every layout that keeps bytes in the database: whatever
+fetches the pieces, a reader gets exactly bytes start..end of one version,
+or StreamAborted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from dataclasses import dataclass
+
+from serve_image.storage.errors import DatabaseUnavailable, StatementFailed, StreamAborted
+from serve_image.storage.files import FileMeta
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """One stored piece; its position is `offset`, never its index."""
+
+    offset: int
+    data: bytes
+
+
+# fetch(meta, start, end, limit): at most `limit` pieces of this version of
+# the file that overlap bytes start..end, by offset, the first holding
+# `start`; none when the row no longer has this version (replaced, deleted).
+FetchPieces = Callable[[FileMeta, int, int, int], Awaitable[list[Chunk]]]
+
+# A body is read this many bytes at a time (whole pieces, at least one): few
+# round trips for big files, bounded memory per reader.
+BATCH_BYTES = 512 * 1024
+# Pieces in a file's first batch, before the stored pieces' length is known.
+FIRST_BATCH_ROWS = 4
+
+
+async def read_pieces(
+    fetch: FetchPieces, meta: FileMeta, start: int, end: int
+) -> AsyncGenerator[bytes, None]:
+    """Bytes start..end of this version of a file, checked.
+
+    Raises StreamAborted when the file was replaced or deleted since `meta`
+    was read, when its pieces leave a gap or run past its size, or when the
+    database is lost. A batch is fetched (and its connection given back)
+    before any of its pieces is yielded.
+    """
+    pos, limit = start, FIRST_BATCH_ROWS
+    while pos <= end:
+        try:
+            chunks = await fetch(meta, pos, end, limit)
+        except DatabaseUnavailable as e:
+            raise StreamAborted(f"database lost: {e}") from None
+        except StatementFailed as e:
+            raise StreamAborted(f"read refused: {e}") from None
+        if not chunks:
+            raise StreamAborted("file replaced, deleted or missing chunks")
+        longest = 0
+        for chunk in chunks:
+            length = len(chunk.data)
+            longest = max(longest, length)
+            if not chunk.offset <= pos < chunk.offset + length:
+                raise StreamAborted(f"no chunk holds byte {pos}")
+            if chunk.offset + length > meta.size:
+                raise StreamAborted("chunks add up to more than the file's size")
+            lo, hi = pos - chunk.offset, min(length, end + 1 - chunk.offset)
+            piece = chunk.data if lo == 0 and hi == length else chunk.data[lo:hi]
+            pos += len(piece)
+            yield piece
+            if pos > end:
+                break
+        # Batches are sized from the pieces as stored, not from the site's
+        # STORAGE_CHUNK_SIZE: a database written with other chunks (another
+        # eZ DBChunkSize) must not make one query fetch thousands of rows.
+        limit = max(1, BATCH_BYTES // max(1, longest))
