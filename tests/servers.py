@@ -31,9 +31,9 @@ async def admin(backend: str, statement: str) -> None:
     """Run one statement on the server outside any test database (CREATE/DROP DATABASE)."""
     c = server_constants(backend)
     if backend == "mysql":
-        import aiomysql
+        import asyncmy
 
-        conn = await aiomysql.connect(
+        conn = await asyncmy.connect(
             host=c["STORAGE_HOST"], port=c["STORAGE_PORT"], user=c["STORAGE_USER"],
             password=c["STORAGE_PASS"], connect_timeout=3,
         )

@@ -5,7 +5,11 @@ asyncmy is the default driver, so every other MySQL test runs on it.
 
 from __future__ import annotations
 
+import asyncio
+import subprocess
+import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -108,3 +112,30 @@ async def test_connections_come_from_the_chosen_driver(
     finally:
         await backend.close()
     assert module == (driver or "asyncmy")
+
+
+async def test_the_default_driver_needs_neither_aiomysql_nor_pymysql(
+    databases: DatabaseFactory, tmp_path: Path
+) -> None:
+    """asyncmy's install must not need PyMySQL < 1.2: aiomysql's modules are never imported."""
+    site = tmp_path / "plain.py"
+    constants = await databases.constants("mysql")
+    site.write_text("".join(f"{k} = {v!r}\n" for k, v in constants.items()))
+    code = (
+        "import asyncio, sys\n"
+        "from serve_image.settings import load_site\n"
+        "from serve_image.storage import make_layout\n"
+        "async def main():\n"
+        "    layout = make_layout(load_site(sys.argv[1]))\n"
+        "    await layout.connect()\n"
+        "    await layout.create_tables()\n"
+        "    await layout.ping()\n"
+        "    await layout.close()\n"
+        "asyncio.run(main())\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('aiomysql', 'pymysql')))\n"
+    )
+    done = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-c", code, str(site)], capture_output=True, text=True,
+        timeout=60,
+    )
+    assert (done.returncode, done.stdout, done.stderr) == (0, "[]\n", "")

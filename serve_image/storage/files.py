@@ -48,20 +48,11 @@ class FileMeta:
 
 
 @dataclass(frozen=True, slots=True)
-class StoredFile:
-    """A file's row as the management commands list it."""
+class StoredFile(FileMeta):
+    """A file's row as the management commands list it: also its name and eZ scope."""
 
     name: str
-    name_hash: str
-    datatype: str
     scope: str
-    size: int
-    mtime: int
-    expired: bool
-
-    @property
-    def live(self) -> bool:
-        return is_live(self.mtime, self.expired)
 
     def holds(self, size: int, mtime: int) -> bool:
         """Is this row a live copy of that version? (An import or a watcher skips it then.)"""
@@ -69,8 +60,8 @@ class StoredFile:
 
     @classmethod
     def from_row(cls, row: Sequence[Any]) -> StoredFile:
-        """From the columns of rows.FILE_COLUMNS."""
-        return cls(row[0], row[1], row[2], row[3], int(row[4]), int(row[5]), bool(row[6]))
+        """From the columns name, name_hash, datatype, scope, size, mtime, expired."""
+        return cls(row[1], row[2], int(row[4]), int(row[5]), bool(row[6]), row[0], row[3])
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 from serve_image.settings import Settings
-from serve_image.storage.drivers.base import Driver, Row
+from serve_image.storage.drivers.base import Driver, Row, Transaction
 from serve_image.storage.files import BrokenFile, FileMeta, StoredFile
 from serve_image.storage.layout import Layout
 from serve_image.storage.names import like_prefix, name_hash, wildcard_to_like, wildcard_to_regex
@@ -53,8 +53,8 @@ def pages(keys: Sequence[str], size: int = PAGE) -> Iterator[Sequence[str]]:
 def checked_offsets(pieces: Iterable[bytes], size: int, name: str) -> Iterator[tuple[int, bytes]]:
     """(offset, piece) of a file being stored; ValueError unless they add up to `size`.
 
-    Every layout's store loop runs over this, inside its transaction, so a
-    short or long file is never committed.
+    Every layout's store runs over this inside its transaction (or before it
+    renames a file into place), so a short or long file is never committed.
     """
     offset = 0
     for data in pieces:
@@ -64,6 +64,21 @@ def checked_offsets(pieces: Iterable[bytes], size: int, name: str) -> Iterator[t
         offset += len(data)
     if offset != size:
         raise ValueError(f"{name}: read {offset} bytes, expected {size}")
+
+
+async def insert_pieces(
+    tx: Transaction, statement: str, key: object, pieces: Iterable[bytes], *, size: int,
+    name: str, per_trip: int = 16,
+) -> None:
+    """Run `statement` with (key, offset, piece) for every piece, `per_trip` rows a round trip."""
+    batch: list[tuple[object, int, bytes]] = []
+    for offset, data in checked_offsets(pieces, size, name):
+        batch.append((key, offset, data))
+        if len(batch) == per_trip:
+            await tx.executemany(statement, batch)
+            batch = []
+    if batch:
+        await tx.executemany(statement, batch)
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from serve_image.storage.files import FileMeta
 from serve_image.storage.layout import First
 from serve_image.storage.names import name_hash
 from serve_image.storage.pieces import Chunk, read_pieces
-from serve_image.storage.rows import RowLayout, Table, checked_offsets, padded, pages, with_keys
+from serve_image.storage.rows import RowLayout, Table, insert_pieces, padded, pages, with_keys
 
 # eZ Publish 3.10-4.6 `kernel/sql/mysql/cluster_schema.sql`, with `offset`
 # quoted and datatype VARCHAR(255) as eZ 4.7 widened it. Pointing serve-image
@@ -136,8 +136,6 @@ INSERT_FILE = (
     "VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 )
 INSERT_CHUNK = 'INSERT INTO ezdbfile_data (name_hash, "offset", filedata) VALUES (?, ?, ?)'
-# Chunk rows sent in one multi-row insert (a MiB of 64 KiB chunks).
-INSERT_ROWS = 16
 
 
 class ChunkLayout(RowLayout):
@@ -177,14 +175,8 @@ class ChunkLayout(RowLayout):
             await tx.execute(DELETE_DATA, key)
             await tx.execute(DELETE_FILE, key)
             await tx.execute(INSERT_FILE, datatype, name, name, key, scope, size, mtime, False)
-            batch: list[tuple[str, int, bytes]] = []
-            for offset, data in checked_offsets(pieces, size, name):
-                batch.append((key, offset, data))
-                if len(batch) == INSERT_ROWS:
-                    await tx.executemany(INSERT_CHUNK, batch)
-                    batch = []
-            if batch:
-                await tx.executemany(INSERT_CHUNK, batch)
+            # A MiB of 64 KiB chunks per multi-row insert.
+            await insert_pieces(tx, INSERT_CHUNK, key, pieces, size=size, name=name)
 
     # -- verify ---------------------------------------------------------------------
     async def broken(self, files: Sequence[Row]) -> dict[str, str]:

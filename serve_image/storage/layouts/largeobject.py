@@ -24,7 +24,7 @@ from serve_image.storage.files import FileMeta
 from serve_image.storage.layout import First
 from serve_image.storage.names import name_hash
 from serve_image.storage.pieces import Chunk, read_pieces
-from serve_image.storage.rows import RowLayout, Table, checked_offsets, padded, with_keys
+from serve_image.storage.rows import RowLayout, Table, insert_pieces, padded, with_keys
 
 DDL = {
     # datatype is VARCHAR(60) in eZ 3.8; 255 here, as eZ 4.7 widened it, so
@@ -75,8 +75,6 @@ PURGE = (
 )
 # eZ 3.8's column width: a longer name would fail inside the transaction.
 MAX_NAME = 255
-# Pieces written per round trip.
-PUT_ROWS = 16
 
 
 class LargeObjectLayout(RowLayout):
@@ -124,14 +122,7 @@ class LargeObjectLayout(RowLayout):
             # Large objects are transactional: on any failure below, the new
             # object disappears with the rollback and the old one stays.
             ((oid,),) = await tx.fetch("SELECT lo_create(0)")
-            batch: list[tuple[int, int, bytes]] = []
-            for offset, data in checked_offsets(pieces, size, name):
-                batch.append((oid, offset, data))
-                if len(batch) == PUT_ROWS:
-                    await tx.executemany("SELECT lo_put(?, ?, ?)", batch)
-                    batch = []
-            if batch:
-                await tx.executemany("SELECT lo_put(?, ?, ?)", batch)
+            await insert_pieces(tx, "SELECT lo_put(?, ?, ?)", oid, pieces, size=size, name=name)
             if not old:
                 await tx.execute(
                     "INSERT INTO ezdbfile (name, name_hash, datatype, scope, size, mtime, lob_id) "
