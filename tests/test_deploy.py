@@ -19,11 +19,14 @@ from pathlib import Path
 import httpx
 import pytest
 
+from serve_image.apache import nginx_location
 from serve_image.cli import main
+from serve_image.settings import settings_from_mapping
 from tests.helpers import free_port
 from tests.system import program
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+DOC = DEPLOY.parent / "docs" / "deploy.md"
 UNIT = DEPLOY / "serve-image@.service"
 SYSUSERS = DEPLOY / "serve-image.sysusers"
 INSTALLED = "/opt/serve-image/bin/serve-image"  # ExecStart's program, as docs/deploy.md installs it
@@ -171,3 +174,47 @@ def test_the_units_command_serves_and_stops_on_sigterm(tmp_path: Path) -> None:
     assert "Started parent process" in text  # two workers under uvicorn's supervisor
     # Each worker finished its shutdown, which closes its database pools.
     assert text.count("Application shutdown complete") == 2, text
+
+
+def test_a_broken_site_exits_with_the_status_the_unit_does_not_restart(tmp_path: Path) -> None:
+    (tmp_path / "broken.py").write_text('STORAGE_DB = "x.db"\nSTORAGE_PROT = 1\n')
+    argv, env = _command({"SERVE_IMAGE_SITES": str(tmp_path),
+                          "SERVE_IMAGE_PORT": str(free_port())}, "broken")
+    done = subprocess.run(argv, env={"PATH": "/usr/bin:/bin", **env}, capture_output=True,
+                          text=True, timeout=60)
+    assert str(done.returncode) == setting("RestartPreventExitStatus")
+    assert "STORAGE_PROT is not a setting serve-image knows" in done.stderr
+
+
+def _nginx_example() -> str:
+    m = re.search(r"```nginx\n(.*?)```", DOC.read_text(), re.DOTALL)
+    assert m is not None
+    return m.group(1)
+
+
+def test_the_docs_nginx_example_passes_nginx_t(tmp_path: Path) -> None:
+    conf = tmp_path / "nginx.conf"
+
+    def check(example: str) -> subprocess.CompletedProcess[str]:
+        conf.write_text(f"pid {tmp_path}/nginx.pid;\nerror_log {tmp_path}/error.log;\n"
+                        f"events {{}}\nhttp {{\n{example}}}\n")
+        return subprocess.run([program("nginx"), "-t", "-p", str(tmp_path), "-c", str(conf),
+                               "-e", str(tmp_path / "error.log")],
+                              capture_output=True, text=True, timeout=30)
+
+    done = check(_nginx_example())
+    assert done.returncode == 0, done.stderr
+    broken = check(_nginx_example().replace("keepalive 16;", "keepalve 16;"))
+    assert broken.returncode != 0
+    assert 'unknown directive "keepalve"' in broken.stderr
+
+
+@pytest.mark.parametrize(("site", "port"), [("intranet", 8001), ("extranet", 8002)])
+def test_the_docs_nginx_locations_are_what_serve_image_generates(site: str, port: int) -> None:
+    settings = settings_from_mapping({"STORAGE_DB": "x", "VAR_DIR": f"var/{site}"}, f"{site}.py")
+    upstream = f"http://127.0.0.1:{port}"
+    block = nginx_location(settings, upstream).replace(
+        f"proxy_pass {upstream};", f"proxy_pass http://serve_image_{site};")
+    indented = "\n".join("    " + line if line else line for line in block.splitlines())
+    assert indented in DOC.read_text()
+    assert f"upstream serve_image_{site} {{\n    server 127.0.0.1:{port};" in _nginx_example()
