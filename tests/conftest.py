@@ -39,12 +39,12 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     reporter = config.pluginmanager.get_plugin("terminalreporter")
     if reporter is None:
         return
-    reasons = [
-        str(report.longrepr[2]).removeprefix("Skipped: ")
+    skips = [
+        (report.nodeid.split("::")[0], str(report.longrepr[2]).removeprefix("Skipped: "))
         for report in reporter.stats.get("skipped", [])
         if isinstance(report.longrepr, tuple)
     ]
-    lines = skip_summary(reasons)
+    lines = skip_summary(skips)
     if lines:
         reporter.write_sep("=", "skipped")
         for line in lines:

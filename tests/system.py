@@ -11,7 +11,6 @@ from __future__ import annotations
 import glob
 import os
 import shutil
-from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 from typing import NoReturn
@@ -66,13 +65,20 @@ def unavailable(message: str) -> NoReturn:
     pytest.skip(message)
 
 
-def skip_summary(reasons: Iterable[str]) -> list[str]:
-    """The closing lines for a run's skips: each reason with its count, then one install command."""
-    counts = Counter(reasons)
-    if not counts:
-        return []
-    lines = [f"{n} skipped: {reason}" for reason, n in sorted(counts.items())]
-    wanted = sorted({r.rsplit(INSTALL, 1)[1].strip() for r in counts if INSTALL in r})
+def skip_summary(skips: Iterable[tuple[str, str]]) -> list[str]:
+    """The closing lines for a run's skips, given as (test file, reason).
+
+    One line per reason with its count and files, then one command that
+    installs every package the skipped tests named.
+    """
+    groups: dict[str, list[str]] = {}
+    for file, reason in skips:
+        groups.setdefault(reason, []).append(file)
+    lines = [
+        f"{len(files)} skipped in {', '.join(sorted(set(files)))}: {reason}"
+        for reason, files in sorted(groups.items())
+    ]
+    wanted = sorted({r.rsplit(INSTALL, 1)[1].strip() for r in groups if INSTALL in r})
     if wanted:
         lines.append(f"to run them, install as root: {INSTALL} {' '.join(wanted)}")
         lines.append("(scripts/test does that itself when run as root, "

@@ -50,17 +50,19 @@ def test_find_looks_on_path_then_in_sbin(tmp_path: Path, monkeypatch: pytest.Mon
 
 
 def test_skip_summary_groups_reasons_and_gathers_one_install_command() -> None:
-    reasons = [f"needs chromium: {INSTALL} chromium"] * 3 + [
-        f"needs wrk: {INSTALL} wrk", "mysql is not reachable (OSError: refused)",
-    ]
-    assert skip_summary(reasons) == [
-        "1 skipped: mysql is not reachable (OSError: refused)",
-        f"3 skipped: needs chromium: {INSTALL} chromium",
-        f"1 skipped: needs wrk: {INSTALL} wrk",
+    chromium, wrk = f"needs chromium: {INSTALL} chromium", f"needs wrk: {INSTALL} wrk"
+    skips = [("tests/test_apache.py", chromium), ("tests/test_b.py", chromium),
+             ("tests/test_apache.py", chromium), ("tests/test_load.py", wrk),
+             ("tests/test_x.py", "mysql is not reachable (OSError: refused)")]
+    assert skip_summary(skips) == [
+        "1 skipped in tests/test_x.py: mysql is not reachable (OSError: refused)",
+        f"3 skipped in tests/test_apache.py, tests/test_b.py: {chromium}",
+        f"1 skipped in tests/test_load.py: {wrk}",
         f"to run them, install as root: {INSTALL} chromium wrk",
         "(scripts/test does that itself when run as root, unless SERVE_IMAGE_TEST_INSTALL=no)",
     ]
-    assert skip_summary(["needs root and setpriv"]) == ["1 skipped: needs root and setpriv"]
+    assert skip_summary([("tests/test_import.py", "needs root and setpriv")]) == [
+        "1 skipped in tests/test_import.py: needs root and setpriv"]
     assert skip_summary([]) == []
 
 
@@ -91,7 +93,7 @@ def test_a_run_ends_with_what_was_skipped_and_how_to_install_it(tmp_path: Path) 
     last = done.stdout.rstrip("\n").splitlines()[-4:]
     assert re.fullmatch(r"=+ skipped =+", last[0]), done.stdout[-3000:]
     assert last[1:] == [
-        f"6 skipped: needs systemd-analyze: {INSTALL} systemd",
+        f"6 skipped in tests/test_deploy.py: needs systemd-analyze: {INSTALL} systemd",
         f"to run them, install as root: {INSTALL} systemd",
         "(scripts/test does that itself when run as root, unless SERVE_IMAGE_TEST_INSTALL=no)",
     ]
