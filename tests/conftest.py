@@ -24,17 +24,31 @@ from tests.helpers import SpyLayout
 from tests.servers import create_database as _create_database
 from tests.servers import drop_database as _drop_database
 from tests.servers import server_constants as _server_constants
+from tests.system import skip_summary, unavailable
 
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 BACKENDS = ["sqlite", "mysql", "pgsql"]
 RUN_ID = f"si_test_{os.getpid()}_{secrets.token_hex(3)}"
 
 
 def server_missing(what: str, error: BaseException) -> None:
-    message = f"{what} is not reachable ({type(error).__name__}: {error})"
-    if IN_CI:
-        pytest.fail(f"CI=true and {message}", pytrace=False)
-    pytest.skip(message)
+    unavailable(f"{what} is not reachable ({type(error).__name__}: {error})")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """After pytest's own summary: each group of skipped tests, and what would run them."""
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is None:
+        return
+    skips = [
+        (report.nodeid.split("::")[0], str(report.longrepr[2]).removeprefix("Skipped: "))
+        for report in reporter.stats.get("skipped", [])
+        if isinstance(report.longrepr, tuple)
+    ]
+    lines = skip_summary(skips)
+    if lines:
+        reporter.write_sep("=", "skipped")
+        for line in lines:
+            reporter.write_line(line)
 
 
 class DatabaseFactory:

@@ -29,11 +29,9 @@ from serve_image.apache import apache_snippet, nginx_location
 from serve_image.cli import main
 from serve_image.settings import load_site, settings_from_mapping
 from serve_image.storage import make_layout
-from tests.conftest import server_missing
 from tests.helpers import free_port, payload, split
+from tests.system import program
 
-APACHE = shutil.which("apache2") or "/usr/sbin/apache2"
-CHROMIUM = "/usr/bin/chromium"
 MODULES = "/usr/lib/apache2/modules"
 REPO = Path(__file__).resolve().parent.parent
 ARTIFACTS = REPO / "tests" / "artifacts"
@@ -85,11 +83,6 @@ class Stack:
     apache_port_always: int
     upstream_port: int
     images: dict[str, tuple[str, bytes, int]]
-
-
-def _need(path: str, what: str) -> None:
-    if not os.access(path, os.X_OK):
-        server_missing(what, FileNotFoundError(f"{path} (apt-get install -y {what})"))
 
 
 def _wait_port(port: int, proc: subprocess.Popen[bytes], log: Path, seconds: float) -> None:
@@ -217,7 +210,7 @@ def _start(root: Path, site: Path, images: dict[str, tuple[str, bytes, int]],
     (root / "httpd.conf").write_text(_httpd_conf(root, ports))
     with (root / "apache.out").open("wb") as out:
         apache = subprocess.Popen(
-            [APACHE, "-f", str(root / "httpd.conf"), "-DFOREGROUND"],
+            [program("apache2"), "-f", str(root / "httpd.conf"), "-DFOREGROUND"],
             stdout=out, stderr=subprocess.STDOUT,
         )
     procs.append(apache)
@@ -230,7 +223,7 @@ def _start(root: Path, site: Path, images: dict[str, tuple[str, bytes, int]],
 
 @pytest.fixture(scope="module")
 async def stack() -> AsyncIterator[Stack]:
-    _need(APACHE, "apache2")
+    program("apache2")
     # Not under pytest's tmp_path: Apache's children run as www-data, which
     # cannot enter /tmp/pytest-of-root (0700).
     root = Path(tempfile.mkdtemp(prefix="serve-image-apache-"))
@@ -339,10 +332,10 @@ def test_missing_mode_proxies_files_not_on_disk(stack: Stack, http: httpx.Client
 
 
 def test_browser_decodes_every_image(stack: Stack) -> None:
-    _need(CHROMIUM, "chromium")
+    chromium = program("chromium")
     url = f"{stack.always}/gallery.html"
     profile = stack.root / "chromium-profile"
-    flags = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+    flags = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
              "--no-first-run", "--disable-background-networking", "--disable-component-update",
              "--disable-sync", f"--user-data-dir={profile}"]
     dom = subprocess.run([*flags, "--dump-dom", url], capture_output=True, timeout=60,
@@ -424,7 +417,7 @@ def test_bad_upstream_is_refused(
 def _config_test(
     tmp_path: Path, modules: tuple[str, ...], include: Path
 ) -> subprocess.CompletedProcess[str]:
-    _need(APACHE, "apache2")
+    apache = program("apache2")
     loads = "\n".join(f"LoadModule {m}_module {MODULES}/mod_{m}.so" for m in modules)
     conf = tmp_path / "httpd.conf"
     conf.write_text(
@@ -432,7 +425,7 @@ def _config_test(
         f"PidFile {tmp_path}/httpd.pid\nErrorLog {tmp_path}/error.log\n"
         f"<VirtualHost *>\n    Include {include}\n</VirtualHost>\n"
     )
-    return subprocess.run([APACHE, "-t", "-f", str(conf)], capture_output=True, text=True,
+    return subprocess.run([apache, "-t", "-f", str(conf)], capture_output=True, text=True,
                           timeout=30)
 
 

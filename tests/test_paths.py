@@ -1,4 +1,4 @@
-"""Request path -> stored name (the rules in serve_image/paths.py and the README)."""
+"""Request path -> stored name (the rules in serve_image/paths.py and docs/http.md)."""
 
 from __future__ import annotations
 
