@@ -1,6 +1,6 @@
 """Request path -> stored file name: a pure function, no I/O.
 
-The rules, in order (documented in the README under "Paths"):
+The rules, in order (documented in docs/http.md):
 1. Only the path is used; the query string never is (eZ bug #015459).
 2. The raw path is percent-decoded once; a `%` not followed by two hex digits
    is a 400 (eZ bug #14153 was a name used without decoding).

@@ -27,9 +27,9 @@ LAYOUT_BACKENDS = {
     "largeobject": ("pgsql",),
 }
 LAYOUTS = tuple(LAYOUT_BACKENDS)
-# STORAGE_DRIVER for mysql: asyncmy (Cython, the default: faster than aiomysql
-# for small and large files in scripts/bench, README "Performance") or aiomysql
-# (pure Python, the same API, for a platform asyncmy has no wheel for).
+# STORAGE_DRIVER for mysql: asyncmy (Cython, the default: the faster of the
+# two, bench/README.md) or aiomysql (pure Python, the same API, for a platform
+# asyncmy has no wheel for).
 MYSQL_DRIVERS = ("aiomysql", "asyncmy")
 DEFAULT_PORTS = {"mysql": 3306, "pgsql": 5432}
 # eZ's DBChunkSize is 65535, the largest value a MySQL BLOB holds; anything

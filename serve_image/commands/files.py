@@ -34,7 +34,7 @@ def _summary(verb: str, tally: Tally, seconds: float, dry_run: bool = False) -> 
 
 def _jobs(settings: Settings, jobs: int) -> int:
     # SQLite has one writer at a time: parallel stores would only queue on
-    # its lock (and measured slower: 569 against 464 files/s).
+    # its lock (and measured slower, bench/README.md).
     return 1 if settings.backend == "sqlite" else jobs
 
 

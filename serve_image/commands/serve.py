@@ -31,8 +31,8 @@ def _serve(site_path: Path, host: str, port: int, workers: int, log_level: str) 
         "serve_image.app:from_environment", factory=True, host=host, port=port,
         workers=workers, log_level=log_level, timeout_graceful_shutdown=30,
         # ACCESS_LOG is the access log. uvicorn's own would format a line for
-        # every request even when its level drops it (about 4 % of a cached
-        # small file's time, scripts/bench).
+        # every request even when its level drops it (a measurable share of a
+        # cached small file's time, bench/README.md).
         server_header=False, access_log=False,
     )
 
