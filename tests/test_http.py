@@ -187,6 +187,45 @@ async def test_if_none_match_other_tag_200(stored: bytes, client: httpx.AsyncCli
     assert (r.status_code, r.content) == (200, stored)
 
 
+@pytest.mark.parametrize(
+    "field_lines",
+    [
+        ["{etag}, "],
+        [", {etag}"],
+        [' , , "other", , {etag}'],
+        ["", "{etag}"],  # two field lines, the first empty: joined as ", <etag>"
+        ['"other"', "", "{etag}"],
+    ],
+)
+async def test_empty_list_elements_are_ignored(
+    stored: bytes, client: httpx.AsyncClient, spy: SpyBackend, field_lines: list[str]
+) -> None:
+    # Regression: an empty list element ended the parsing (RFC 9110 §5.6.1 says
+    # a recipient MUST accept and ignore it): 200 instead of 304, 412 instead of 200.
+    etag = await etag_of(client)
+    values = [line.format(etag=etag) for line in field_lines]
+    r = await client.get(URL, headers=[("If-None-Match", v) for v in values])
+    assert (r.status_code, r.content, r.headers["etag"]) == (304, b"", etag)
+    assert spy.chunk_reads == 0
+    r = await client.get(URL, headers=[("If-Match", v) for v in values])
+    assert (r.status_code, r.headers["content-length"], r.content) == (200, "10000", stored)
+
+
+@pytest.mark.parametrize("others", [64, 1000])
+async def test_a_matching_tag_after_many_others_counts(
+    stored: bytes, client: httpx.AsyncClient, others: int
+) -> None:
+    # Regression: only the first 64 tags were compared.
+    etag = await etag_of(client)
+    tags = ", ".join([*(f'"other-{i}"' for i in range(others)), etag])
+    r = await client.get(URL, headers={"If-None-Match": tags})
+    assert (r.status_code, r.content) == (304, b"")
+    r = await client.get(URL, headers={"If-Match": tags})
+    assert (r.status_code, r.headers["content-length"], r.content) == (200, "10000", stored)
+    r = await client.head(URL, headers={"If-Match": tags.replace(etag, '"gone"')})
+    assert r.status_code == 412
+
+
 async def test_if_modified_since_304(
     stored: bytes, client: httpx.AsyncClient, spy: SpyBackend
 ) -> None:
