@@ -19,7 +19,11 @@ _TIME = r"([0-9]{2}):([0-9]{2}):([0-9]{2})"
 _IMF = re.compile(rf"^{_DAY}, ([0-9]{{2}}) {_MON} ([0-9]{{4}}) {_TIME} GMT$")
 _RFC850 = re.compile(rf"^{_LONG_DAY}, ([0-9]{{2}})-{_MON}-([0-9]{{2}}) {_TIME} GMT$")
 _ASCTIME = re.compile(rf"^{_DAY} {_MON} ([ 0-9][0-9]) {_TIME} ([0-9]{{4}})$")
-_ETAG = re.compile(r'\s*(W/)?("[\x21\x23-\x7e\x80-\xff]*")\s*(?:,|$)')
+# One element of an entity-tag list and the comma after it (or the end). The
+# tag may be missing: RFC 9110 §5.6.1 says a recipient MUST accept empty list
+# elements and ignore them (`, "a"`, and what joining an empty field line to
+# another gives). An opaque-tag may itself hold commas, so this is no split.
+_ELEMENT = re.compile(r'[ \t]*(?:(W/)?("[\x21\x23-\x7e\x80-\xff]*")[ \t]*)?(?:,|\Z)')
 
 
 def http_date(ts: float) -> str:
@@ -61,17 +65,23 @@ def make_etag(name_hash: str, mtime: int, size: int) -> str:
 
 
 def parse_etags(value: str) -> list[tuple[bool, str]] | None:
-    """`If-Match`/`If-None-Match` list as (weak, opaque-tag); None for `*`."""
-    if value.strip() == "*":
+    """`If-Match`/`If-None-Match` list as (weak, opaque-tag); None for `*`.
+
+    Every tag is kept, however many: a match far down the list still counts,
+    and the work is one pass over a value whose size the server bounds.
+    """
+    value = value.strip()
+    if value == "*":
         return None
     tags: list[tuple[bool, str]] = []
     pos = 0
-    value = value.strip()
-    while pos < len(value) and len(tags) < 64:
-        m = _ETAG.match(value, pos)
-        if m is None or m.end() == pos:
+    while pos < len(value):
+        # Each match takes at least one character (a comma or a tag): linear.
+        m = _ELEMENT.match(value, pos)
+        if m is None:
             break  # malformed from here on: keep what was valid before it
-        tags.append((m.group(1) is not None, m.group(2)))
+        if m.group(2) is not None:
+            tags.append((m.group(1) is not None, m.group(2)))
         pos = m.end()
     return tags
 

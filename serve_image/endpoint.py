@@ -117,7 +117,10 @@ class ImageEndpoint:
                 req[key] = f"{req[key]}, {text}" if key in req else text
         s = self.settings
         conditional_request = s.http_cache and any(k in req for k in _CONDITIONS)
-        range_header = req.get(b"range") if s.http_range else None
+        # RFC 9110 §14.2: GET is the only method with range handling, and a
+        # server MUST ignore Range on any other: HEAD answers as a GET without
+        # Range would (200, the whole Content-Length), whatever If-Range says.
+        range_header = req.get(b"range") if s.http_range and method == "GET" else None
 
         first: bytes | None = None
         meta: FileMeta | None
@@ -174,9 +177,9 @@ class ImageEndpoint:
         if wanted is None:
             await self._send_whole(method, meta, first, headers, receive, send, file.name)
         elif len(wanted) == 1:
-            await self._send_range(method, meta, wanted[0], headers, receive, send, file.name)
+            await self._send_range(meta, wanted[0], headers, receive, send, file.name)
         else:
-            await self._send_multipart(method, meta, wanted, headers, receive, send, file.name)
+            await self._send_multipart(meta, wanted, headers, receive, send, file.name)
 
     async def _send_whole(
         self, method: str, meta: FileMeta, first: bytes | None, headers: Headers,
@@ -208,20 +211,17 @@ class ImageEndpoint:
                 self.local_copies.offer(name, meta, None)
 
     async def _send_range(
-        self, method: str, meta: FileMeta, r: ranges.Range, headers: Headers,
+        self, meta: FileMeta, r: ranges.Range, headers: Headers,
         receive: Receive, send: Send, name: str,
     ) -> None:
         headers.append((b"content-range", ranges.content_range(r, meta.size).encode()))
         headers.append((b"content-length", str(r[1] - r[0] + 1).encode()))
         await send({"type": "http.response.start", "status": 206, "headers": headers})
-        if method == "HEAD":
-            await send({"type": "http.response.body", "body": b""})
-            return
         if await self._stream(meta, r[0], r[1], receive, send, name):
             await send({"type": "http.response.body", "body": b""})
 
     async def _send_multipart(
-        self, method: str, meta: FileMeta, wanted: list[ranges.Range], headers: Headers,
+        self, meta: FileMeta, wanted: list[ranges.Range], headers: Headers,
         receive: Receive, send: Send, name: str,
     ) -> None:
         boundary = secrets.token_hex(12)
@@ -232,9 +232,6 @@ class ImageEndpoint:
         headers.append((b"content-type", f"multipart/byteranges; boundary={boundary}".encode()))
         headers.append((b"content-length", str(length).encode()))
         await send({"type": "http.response.start", "status": 206, "headers": headers})
-        if method == "HEAD":
-            await send({"type": "http.response.body", "body": b""})
-            return
         for head, r in zip(heads, wanted, strict=True):
             await send({"type": "http.response.body", "body": head, "more_body": True})
             if not await self._stream(meta, r[0], r[1], receive, send, name):

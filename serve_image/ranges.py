@@ -31,7 +31,7 @@ class RangeNotSatisfiable(Exception):
 
 
 def parse_range(header: str, size: int) -> list[Range] | None:
-    """The ranges to send for a Range header, sorted and coalesced.
+    """The ranges to send for a Range header, coalesced, in the order asked for.
 
     None means "ignore the header and send the whole file with 200": the unit
     is not bytes, the header is malformed (RFC 9110 §14.2 says a server MAY
@@ -84,14 +84,22 @@ def parse_range(header: str, size: int) -> list[Range] | None:
 
 
 def coalesce(ranges: Iterable[Range]) -> list[Range]:
-    """Merge overlapping and adjacent ranges (RFC 9110 §14.6 asks for it)."""
-    out: list[Range] = []
-    for start, end in sorted(ranges):
-        if out and start <= out[-1][1] + 1:
-            out[-1] = (out[-1][0], max(out[-1][1], end))
+    """Merge overlapping and adjacent ranges; keep the order they were asked in.
+
+    RFC 9110 §15.3.7.2: a server MAY coalesce ranges that overlap, whatever
+    their order, and SHOULD send the parts in the order of the Range header,
+    except ranges coalesced into others. A merged range takes the place of
+    the first-asked range in it: `5-6,0-1,2-3` gives `5-6`, then `0-3`.
+    """
+    merged: list[tuple[int, int, int]] = []  # first byte, last byte, place asked
+    for place, (start, end) in sorted(enumerate(ranges), key=lambda item: item[1]):
+        if merged and start <= merged[-1][1] + 1:
+            first, last, earliest = merged[-1]
+            merged[-1] = (first, max(last, end), min(earliest, place))
         else:
-            out.append((start, end))
-    return out
+            merged.append((start, end, place))
+    merged.sort(key=lambda m: m[2])
+    return [(first, last) for first, last, _ in merged]
 
 
 def content_range(r: Range, size: int) -> str:

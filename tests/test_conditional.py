@@ -68,6 +68,53 @@ def test_parse_etags() -> None:
     assert parse_etags('"a", garbage') == [(False, '"a"')]
 
 
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (', "a"', [(False, '"a"')]),
+        ('"a",,, W/"b" , ,', [(False, '"a"'), (True, '"b"')]),
+        (' ,\t, "a"', [(False, '"a"')]),
+        (",", []),
+        ("", []),
+        ('"a,b", "c"', [(False, '"a,b"'), (False, '"c"')]),  # a comma inside a tag is no separator
+    ],
+)
+def test_parse_etags_ignores_empty_list_elements(
+    value: str, expected: list[tuple[bool, str]]
+) -> None:
+    # Regression: an empty element used to end the parsing (RFC 9110 §5.6.1:
+    # a recipient MUST accept empty elements and ignore them).
+    assert parse_etags(value) == expected
+
+
+def test_parse_etags_keeps_every_tag_of_a_long_list() -> None:
+    # Regression: only the first 64 tags were kept, so a match further down was missed.
+    tags = [f'"t{i}"' for i in range(5000)]
+    assert parse_etags(", ".join(tags)) == [(False, t) for t in tags]
+
+
+_OPAQUE = st.text(
+    alphabet=st.sampled_from([chr(c) for c in (0x21, *range(0x23, 0x7F), 0x80, 0xFF)]),
+    max_size=12,
+).map(lambda t: f'"{t}"')
+_SEPARATOR = st.sampled_from([",", ", ", " ,", " , ", ",,", ", ,", ",\t,", "\t,  ,  "])
+
+
+@given(
+    st.lists(st.tuples(st.booleans(), _OPAQUE), max_size=20),
+    st.lists(_SEPARATOR, min_size=21, max_size=21),
+    st.sampled_from(["", ",", ", ", " , ,"]),
+    st.sampled_from(["", ",", " ,", ", ,"]),
+)
+def test_parse_etags_reads_back_any_list_with_empty_elements(
+    tags: list[tuple[bool, str]], separators: list[str], lead: str, trail: str
+) -> None:
+    value = lead
+    for i, (weak, opaque) in enumerate(tags):
+        value += ("W/" if weak else "") + opaque + (separators[i] if i < len(tags) - 1 else "")
+    assert parse_etags(value + trail) == tags
+
+
 def run(method: str = "GET", **headers: str) -> Outcome:
     return evaluate(method, ETAG, LM, **headers)
 
@@ -92,6 +139,26 @@ def test_if_none_match_is_weak_comparison() -> None:
 def test_if_none_match_list_and_star() -> None:
     assert run(if_none_match=f'"x", {ETAG}') is Outcome.NOT_MODIFIED
     assert run(if_none_match="*") is Outcome.NOT_MODIFIED
+
+
+def test_empty_list_elements_do_not_hide_a_match() -> None:
+    # The differential run against Apache httpd: `If-None-Match: , "<etag>"`
+    # was a 200 and `If-Match: , "<etag>"` a 412.
+    assert run(if_none_match=f", {ETAG}") is Outcome.NOT_MODIFIED
+    assert run(if_match=f", {ETAG}") is Outcome.PROCEED
+    assert run(if_none_match=f'"x", , {ETAG},') is Outcome.NOT_MODIFIED
+    assert run(if_match=f'"x", , {ETAG},') is Outcome.PROCEED
+
+
+@pytest.mark.parametrize("position", [64, 65, 999])
+def test_a_match_far_down_a_long_list_counts(position: int) -> None:
+    tags = [f'"other-{i}"' for i in range(1000)]
+    tags[position] = ETAG
+    assert run(if_none_match=", ".join(tags)) is Outcome.NOT_MODIFIED
+    assert run(if_match=", ".join(tags)) is Outcome.PROCEED
+    del tags[position]
+    assert run(if_none_match=", ".join(tags)) is Outcome.PROCEED
+    assert run(if_match=", ".join(tags)) is Outcome.PRECONDITION_FAILED
 
 
 def test_if_none_match_on_other_methods_is_412() -> None:

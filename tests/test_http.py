@@ -35,6 +35,17 @@ async def etag_of(client: httpx.AsyncClient) -> str:
     return (await client.head(URL)).headers["etag"]
 
 
+def byteranges_body(boundary: str, parts: list[tuple[int, int]], data: bytes) -> bytes:
+    """A multipart/byteranges body spelled out (RFC 9110 §14.6, RFC 2046 §5.1.1)."""
+    body = b""
+    for first, last in parts:
+        body += (
+            f"--{boundary}\r\nContent-Type: image/png\r\n"
+            f"Content-Range: bytes {first}-{last}/{len(data)}\r\n\r\n"
+        ).encode() + data[first:last + 1] + b"\r\n"
+    return body + f"--{boundary}--\r\n".encode()
+
+
 # -- ranges ---------------------------------------------------------------
 
 
@@ -105,6 +116,32 @@ async def test_multipart_byteranges(stored: bytes, client: httpx.AsyncClient) ->
     ]
 
 
+@pytest.mark.parametrize(
+    ("spec", "parts"),
+    [
+        ("50-60,0-1", [(50, 60), (0, 1)]),
+        ("9000-9999,0-999,1000-1999", [(9000, 9999), (0, 1999)]),
+        # A later range that overlaps an earlier one joins it, in the earlier one's place.
+        ("50-60,0-1,55-70", [(50, 70), (0, 1)]),
+        ("-10,5-6,9985-9995", [(9985, 9999), (5, 6)]),
+    ],
+)
+async def test_multipart_parts_come_in_the_order_asked(
+    stored: bytes, client: httpx.AsyncClient, spec: str, parts: list[tuple[int, int]]
+) -> None:
+    # Regression: the differential run against Apache httpd found the parts
+    # sorted; RFC 9110 §15.3.7.2 says they SHOULD come in the order asked.
+    r = await client.get(URL, headers={"Range": f"bytes={spec}"})
+    assert r.status_code == 206
+    ctype = r.headers["content-type"]
+    prefix = "multipart/byteranges; boundary="
+    assert ctype.startswith(prefix)
+    expected = byteranges_body(ctype[len(prefix):], parts, stored)
+    assert r.content == expected
+    assert r.headers["content-length"] == str(len(expected))
+    assert "content-range" not in r.headers
+
+
 async def test_overlapping_ranges_coalesce_to_one(stored: bytes, client: httpx.AsyncClient) -> None:
     r = await client.get(URL, headers={"Range": "bytes=0-99,50-199,200-299"})
     assert r.status_code == 206
@@ -136,15 +173,29 @@ async def test_malformed_range_is_ignored(
     assert (r.status_code, r.content) == (200, stored)
 
 
-async def test_head_with_range_is_206_without_body(
-    stored: bytes, client: httpx.AsyncClient, spy: SpyLayout
+@pytest.mark.parametrize("spec", ["bytes=10-19", "bytes=0-1,50-60", "bytes=20000-", "bytes=5-1"])
+@pytest.mark.parametrize(
+    "if_range", [None, "etag", '"stale"', http_date(MTIME)],
+    ids=["no-if-range", "if-range-etag", "if-range-stale", "if-range-date"],
+)
+async def test_head_ignores_range(
+    stored: bytes, client: httpx.AsyncClient, spy: SpyLayout, spec: str, if_range: str | None
 ) -> None:
-    r = await client.head(URL, headers={"Range": "bytes=10-19"})
-    assert r.status_code == 206
-    assert r.headers["content-range"] == "bytes 10-19/10000"
-    assert r.headers["content-length"] == "10"
+    """RFC 9110 §14.2: Range is ignored on any method but GET, so If-Range does not matter."""
+    # Regression: HEAD with Range answered 206 (found by the differential run against Apache httpd).
+    headers = {"Range": spec}
+    if if_range is not None:
+        headers["If-Range"] = await etag_of(client) if if_range == "etag" else if_range
+    r = await client.head(URL, headers=headers)
+    assert r.status_code == 200
+    assert r.headers["content-length"] == "10000"
+    assert r.headers["content-type"] == "image/png"
+    assert r.headers["accept-ranges"] == "bytes"
+    assert "content-range" not in r.headers
     assert r.content == b""
     assert spy.chunk_reads == 0
+    # The same Range on GET still gives its part.
+    assert (await client.get(URL, headers={"Range": "bytes=10-19"})).status_code == 206
 
 
 async def test_if_range_etag(stored: bytes, client: httpx.AsyncClient) -> None:
@@ -185,6 +236,45 @@ async def test_if_none_match_304_reads_no_chunk(
 async def test_if_none_match_other_tag_200(stored: bytes, client: httpx.AsyncClient) -> None:
     r = await client.get(URL, headers={"If-None-Match": '"nope", W/"other"'})
     assert (r.status_code, r.content) == (200, stored)
+
+
+@pytest.mark.parametrize(
+    "field_lines",
+    [
+        ["{etag}, "],
+        [", {etag}"],
+        [' , , "other", , {etag}'],
+        ["", "{etag}"],  # two field lines, the first empty: joined as ", <etag>"
+        ['"other"', "", "{etag}"],
+    ],
+)
+async def test_empty_list_elements_are_ignored(
+    stored: bytes, client: httpx.AsyncClient, spy: SpyLayout, field_lines: list[str]
+) -> None:
+    # Regression: an empty list element ended the parsing (RFC 9110 §5.6.1 says
+    # a recipient MUST accept and ignore it): 200 instead of 304, 412 instead of 200.
+    etag = await etag_of(client)
+    values = [line.format(etag=etag) for line in field_lines]
+    r = await client.get(URL, headers=[("If-None-Match", v) for v in values])
+    assert (r.status_code, r.content, r.headers["etag"]) == (304, b"", etag)
+    assert spy.chunk_reads == 0
+    r = await client.get(URL, headers=[("If-Match", v) for v in values])
+    assert (r.status_code, r.headers["content-length"], r.content) == (200, "10000", stored)
+
+
+@pytest.mark.parametrize("others", [64, 1000])
+async def test_a_matching_tag_after_many_others_counts(
+    stored: bytes, client: httpx.AsyncClient, others: int
+) -> None:
+    # Regression: only the first 64 tags were compared.
+    etag = await etag_of(client)
+    tags = ", ".join([*(f'"other-{i}"' for i in range(others)), etag])
+    r = await client.get(URL, headers={"If-None-Match": tags})
+    assert (r.status_code, r.content) == (304, b"")
+    r = await client.get(URL, headers={"If-Match": tags})
+    assert (r.status_code, r.headers["content-length"], r.content) == (200, "10000", stored)
+    r = await client.head(URL, headers={"If-Match": tags.replace(etag, '"gone"')})
+    assert r.status_code == 412
 
 
 async def test_if_modified_since_304(

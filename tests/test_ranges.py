@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -33,7 +35,14 @@ from serve_image.ranges import (
         ("bytes=1-2,,4-5", 1000, [(1, 2), (4, 5)]),  # empty list elements are allowed
         ("bytes=0-1,1-2", 1000, [(0, 2)]),  # overlapping: merged
         ("bytes=0-1,2-3", 1000, [(0, 3)]),  # adjacent: merged
-        ("bytes=10-20,0-5", 1000, [(0, 5), (10, 20)]),  # sorted
+        ("bytes=10-20,0-5", 1000, [(10, 20), (0, 5)]),  # in the order asked
+        ("bytes=50-60,0-1", 1000, [(50, 60), (0, 1)]),
+        ("bytes=2-3,0-1", 1000, [(0, 3)]),  # adjacent whatever their order: one range
+        # A merged range takes the place of the first-asked range in it.
+        ("bytes=50-60,0-1,55-70", 1000, [(50, 70), (0, 1)]),
+        ("bytes=0-1,50-60,2-3", 1000, [(0, 3), (50, 60)]),
+        ("bytes=40-49,0-9,30-39,10-19", 1000, [(30, 49), (0, 19)]),
+        ("bytes=-10,0-1,995-996", 1000, [(990, 999), (0, 1)]),
         ("bytes=5000-6000,0-1", 1000, [(0, 1)]),  # the unsatisfiable one is dropped
         ("bytes=-1", 1, [(0, 0)]),
     ],
@@ -98,8 +107,12 @@ def test_ranges_adding_up_to_more_than_the_file_send_whole_file() -> None:
     assert parse_range("bytes=0-49,0-49", 150) == [(0, 49)]
 
 
-def test_coalesce() -> None:
-    assert coalesce([(5, 6), (0, 1), (2, 3), (10, 12), (11, 20)]) == [(0, 3), (5, 6), (10, 20)]
+def test_coalesce_keeps_the_order_asked() -> None:
+    # Regression: parts came back sorted (RFC 9110 §15.3.7.2: in the order asked).
+    assert coalesce([(5, 6), (0, 1), (2, 3), (10, 12), (11, 20)]) == [(5, 6), (0, 3), (10, 20)]
+    assert coalesce([(10, 20), (0, 1), (5, 15)]) == [(5, 20), (0, 1)]
+    assert coalesce([(0, 1)]) == [(0, 1)]
+    assert coalesce([]) == []
 
 
 def test_content_range() -> None:
@@ -158,3 +171,52 @@ def test_single_satisfiable_range_equals_slice(data: bytes, specs: list[str]) ->
     else:
         expected = data[-int(last) :] if int(last) else b""
     assert data[a : b + 1] == expected
+
+
+def _specs_for(size: int) -> st.SearchStrategy[tuple[int, list[str]]]:
+    """Valid range-specs, mostly small against the file, some past its end."""
+    short = max(1, size // 8)
+    spec = st.one_of(
+        st.tuples(st.integers(0, size + 5), st.integers(1, short)).map(
+            lambda t: f"{t[0]}-{t[0] + t[1] - 1}"
+        ),
+        st.integers(max(0, size - short), size + 2).map(lambda a: f"{a}-"),
+        st.integers(0, short).map(lambda n: f"-{n}"),
+    )
+    return st.tuples(st.just(size), st.lists(spec, min_size=1, max_size=MAX_RANGES))
+
+
+def _asked(spec: str, size: int) -> tuple[int, int] | None:
+    """One valid range-spec as RFC 9110 §14.1.2 defines it, written out plainly."""
+    first, _, last = spec.partition("-")
+    if not first:
+        return (max(0, size - int(last)), size - 1) if int(last) else None
+    if int(first) >= size:
+        return None
+    return (int(first), min(int(last), size - 1) if last else size - 1)
+
+
+@given(st.integers(1, 3000).flatmap(_specs_for))
+def test_parts_are_the_asked_bytes_merged_in_the_order_asked(case: tuple[int, list[str]]) -> None:
+    """Every byte asked for is sent once; parts neither overlap nor touch; each
+    part stands where the first range it holds was asked."""
+    size, specs = case
+    asked = [r for r in (_asked(spec, size) for spec in specs) if r is not None]
+    try:
+        result = parse_range("bytes=" + ",".join(specs), size)
+    except RangeNotSatisfiable:
+        assert asked == []
+        return
+    if result is None:
+        assert sum(b - a + 1 for a, b in asked) > size  # the only reason left to ignore it
+        return
+    assert {i for a, b in result for i in range(a, b + 1)} == {
+        i for a, b in asked for i in range(a, b + 1)
+    }
+    ordered = sorted(result)
+    assert all(prev[1] + 1 < nxt[0] for prev, nxt in pairwise(ordered))
+    first_asked = [
+        next(i for i, (a, b) in enumerate(asked) if start <= a and b <= end)
+        for start, end in result
+    ]
+    assert all(x < y for x, y in pairwise(first_asked))
