@@ -22,7 +22,7 @@ import os
 import stat
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,11 +82,12 @@ class Stored:
     sha256: str
 
 
-class _ChunkReader:
-    """Exactly `size` bytes of an open file in chunks, hashed on the way.
+class _FilePieces:
+    """Exactly `size` bytes of an open file in pieces, hashed on the way.
 
-    Read errors leave as SourceChanged, never as OSError: the MySQL and
-    PostgreSQL backends take an OSError inside a transaction for a broken
+    Read off the event loop: the file may be on a network file system. Read
+    errors leave as SourceChanged, never as OSError: the MySQL and
+    PostgreSQL drivers take an OSError inside a transaction for a broken
     database connection.
     """
 
@@ -94,14 +95,14 @@ class _ChunkReader:
         self.f, self.size, self.chunk_size, self.head = f, size, chunk_size, head
         self.digest = hashlib.sha256()
 
-    def __iter__(self) -> Iterator[bytes]:
+    async def __aiter__(self) -> AsyncIterator[bytes]:
         left = self.size
         buf = self.head
         while left > 0:
             want = min(self.chunk_size, left)
             if len(buf) < want:
                 try:
-                    more = self.f.read(want - len(buf))
+                    more = await asyncio.to_thread(self.f.read, want - len(buf))
                 except OSError as e:
                     raise SourceChanged(f"read failed: {e.strerror or e}") from None
                 if not more:
@@ -151,7 +152,7 @@ class ClusterFiles:
         with f:
             st = os.fstat(f.fileno())
             head = f.read(min(HEAD_BYTES, st.st_size)) if st.st_size else b""
-            reader = _ChunkReader(f, st.st_size, self.chunk_size, head)
+            reader = _FilePieces(f, st.st_size, self.chunk_size, head)
             datatype = datatype or guess_datatype(head, name)
             scope = scope or scope_for(name)
             mtime = stored_mtime(st)

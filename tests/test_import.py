@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from serve_image.cluster import ClusterFiles, SourceChanged, _ChunkReader
+from serve_image.cluster import ClusterFiles, SourceChanged, _FilePieces
 from serve_image.progress import Progress
 from serve_image.storage import make_layout
 from serve_image.transfer import Entry, Importer
@@ -247,16 +247,17 @@ async def test_file_vanishing_before_it_is_read_is_reported(
     assert progress.messages == [f"serve-image: {path}: vanished before it could be read"]
 
 
-def test_file_shrinking_while_read_raises_source_changed(tmp_path: Path) -> None:
+async def test_file_shrinking_while_read_raises_source_changed(tmp_path: Path) -> None:
     path = tmp_path / "f"
     path.write_bytes(b"x" * 5000)
-    with open(path, "rb", buffering=0) as f:  # unbuffered: every read reaches the file
-        reader = _ChunkReader(f, 5000, 1000, f.read(100))
-        chunks = iter(reader)
-        assert len(next(chunks)) == 1000
+    # Unbuffered: every read reaches the file.
+    with open(path, "rb", buffering=0) as f:  # noqa: ASYNC230 - a local test file
+        reader = _FilePieces(f, 5000, 1000, f.read(100))
+        chunks = aiter(reader)
+        assert len(await anext(chunks)) == 1000
         os.truncate(path, 1500)
         with pytest.raises(SourceChanged, match=r"^file shrank while being read$"):
-            next(chunks)
+            await anext(chunks)
 
 
 async def _mysql_admin(sql: str, *args: object) -> list[tuple[object, ...]]:

@@ -16,13 +16,14 @@ file is validated). Most of it is written once in `rows.RowLayout`.
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import ClassVar
 
 from serve_image.settings import Settings
 from serve_image.storage.drivers.base import Driver, Observer
 from serve_image.storage.files import BrokenFile, FileMeta, StoredFile
 from serve_image.storage.names import name_hash
+from serve_image.storage.pieces import Pieces
 
 # A file's row and its first bytes: the whole file when it is small.
 First = tuple[FileMeta, bytes | None]
@@ -90,7 +91,7 @@ class Layout(abc.ABC):
     # -- writes -----------------------------------------------------------------
     @abc.abstractmethod
     async def store(
-        self, name: str, pieces: Iterable[bytes], *, size: int, mtime: int, datatype: str,
+        self, name: str, pieces: Pieces, *, size: int, mtime: int, datatype: str,
         scope: str,
     ) -> None:
         """Store or replace a file; readers see the old version or the new, never a mix.

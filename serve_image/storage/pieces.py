@@ -1,17 +1,54 @@
-"""The checked walk over a file stored in pieces (chunk rows, slices of a large object).
+"""A file's bytes in pieces: checked when stored, and checked when read back.
 
-Written once for every layout that keeps bytes in the database: whatever
-fetches the pieces, a reader gets exactly bytes start..end of one version,
-or StreamAborted.
+Written once for every layout. A store gets exactly `size` bytes or stores
+nothing; whatever fetches the stored pieces (chunk rows, slices of a large
+object), a reader gets exactly bytes start..end of one version, or
+StreamAborted.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+)
 from dataclasses import dataclass
 
 from serve_image.storage.errors import DatabaseUnavailable, StatementFailed, StreamAborted
 from serve_image.storage.files import FileMeta
+
+# What a layout stores: pieces from a local file read in a thread, from bytes
+# in memory, or from another site's storage (`copy`).
+Pieces = Iterable[bytes] | AsyncIterable[bytes]
+
+
+async def checked_offsets(pieces: Pieces, size: int, name: str) -> AsyncIterator[tuple[int, bytes]]:
+    """(offset, piece) of a file being stored; ValueError unless they add up to `size`.
+
+    Every layout's store runs over this inside its transaction (or before it
+    renames a file into place), so a short or long file is never committed.
+    """
+    offset = 0
+    async for data in _each(pieces):
+        if offset + len(data) > size:
+            raise ValueError(f"{name}: more than the {size} bytes expected")
+        yield offset, data
+        offset += len(data)
+    if offset != size:
+        raise ValueError(f"{name}: read {offset} bytes, expected {size}")
+
+
+async def _each(pieces: Pieces) -> AsyncIterator[bytes]:
+    if isinstance(pieces, AsyncIterable):
+        async for data in pieces:
+            yield data
+    else:
+        for data in pieces:
+            yield data
 
 
 @dataclass(frozen=True, slots=True)

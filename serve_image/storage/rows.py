@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import abc
 import functools
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from serve_image.settings import Settings
@@ -25,6 +25,7 @@ from serve_image.storage.drivers.base import Driver, Row, Transaction
 from serve_image.storage.files import BrokenFile, FileMeta, StoredFile
 from serve_image.storage.layout import Layout
 from serve_image.storage.names import like_prefix, name_hash, wildcard_to_like, wildcard_to_regex
+from serve_image.storage.pieces import Pieces, checked_offsets
 
 # Names looked up in one statement by the management commands.
 PAGE = 500
@@ -50,29 +51,13 @@ def pages(keys: Sequence[str], size: int = PAGE) -> Iterator[Sequence[str]]:
         yield keys[i:i + size]
 
 
-def checked_offsets(pieces: Iterable[bytes], size: int, name: str) -> Iterator[tuple[int, bytes]]:
-    """(offset, piece) of a file being stored; ValueError unless they add up to `size`.
-
-    Every layout's store runs over this inside its transaction (or before it
-    renames a file into place), so a short or long file is never committed.
-    """
-    offset = 0
-    for data in pieces:
-        if offset + len(data) > size:
-            raise ValueError(f"{name}: more than the {size} bytes expected")
-        yield offset, data
-        offset += len(data)
-    if offset != size:
-        raise ValueError(f"{name}: read {offset} bytes, expected {size}")
-
-
 async def insert_pieces(
-    tx: Transaction, statement: str, key: object, pieces: Iterable[bytes], *, size: int,
+    tx: Transaction, statement: str, key: object, pieces: Pieces, *, size: int,
     name: str, per_trip: int = 16,
 ) -> None:
     """Run `statement` with (key, offset, piece) for every piece, `per_trip` rows a round trip."""
     batch: list[tuple[object, int, bytes]] = []
-    for offset, data in checked_offsets(pieces, size, name):
+    async for offset, data in checked_offsets(pieces, size, name):
         batch.append((key, offset, data))
         if len(batch) == per_trip:
             await tx.executemany(statement, batch)

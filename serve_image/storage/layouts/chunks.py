@@ -11,14 +11,14 @@ original eZ scripts, which used it bare, fail on a current MariaDB.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Iterable, Sequence
+from collections.abc import AsyncGenerator, Sequence
 
 from serve_image.settings import Settings
 from serve_image.storage.drivers.base import Driver, Row
 from serve_image.storage.files import FileMeta
 from serve_image.storage.layout import First
 from serve_image.storage.names import name_hash
-from serve_image.storage.pieces import Chunk, read_pieces
+from serve_image.storage.pieces import Chunk, Pieces, read_pieces
 from serve_image.storage.rows import RowLayout, Table, insert_pieces, padded, pages, with_keys
 
 # eZ Publish 3.10-4.6 `kernel/sql/mysql/cluster_schema.sql`, with `offset`
@@ -167,7 +167,7 @@ class ChunkLayout(RowLayout):
 
     # -- writes -------------------------------------------------------------------
     async def store(
-        self, name: str, pieces: Iterable[bytes], *, size: int, mtime: int, datatype: str,
+        self, name: str, pieces: Pieces, *, size: int, mtime: int, datatype: str,
         scope: str,
     ) -> None:
         key = name_hash(name)

@@ -15,7 +15,7 @@ by hand) is one broken file, never a database error: every read joins
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Iterable, Sequence
+from collections.abc import AsyncGenerator, Sequence
 
 from serve_image.settings import Settings
 from serve_image.storage.drivers.base import Driver, Row
@@ -23,7 +23,7 @@ from serve_image.storage.errors import StatementFailed
 from serve_image.storage.files import FileMeta
 from serve_image.storage.layout import First
 from serve_image.storage.names import name_hash
-from serve_image.storage.pieces import Chunk, read_pieces
+from serve_image.storage.pieces import Chunk, Pieces, read_pieces
 from serve_image.storage.rows import RowLayout, Table, insert_pieces, padded, with_keys
 
 DDL = {
@@ -109,7 +109,7 @@ class LargeObjectLayout(RowLayout):
 
     # -- writes -------------------------------------------------------------------
     async def store(
-        self, name: str, pieces: Iterable[bytes], *, size: int, mtime: int, datatype: str,
+        self, name: str, pieces: Pieces, *, size: int, mtime: int, datatype: str,
         scope: str,
     ) -> None:
         if len(name) > MAX_NAME:
