@@ -30,7 +30,7 @@ class ServeImage:
         self.backend = backend or make_backend(settings, readonly=True)
         self.endpoint = ImageEndpoint(settings, self.backend)
         # None unless ACCESS_LOG or METRICS_PATH is set: then nothing wraps a request.
-        self.observer = observer_for(settings, self.backend)
+        self.observer = observer_for(settings, self.backend, self.endpoint.cache)
         routes = [Route(HEALTH_PATH, self.health, methods=["GET", "HEAD"])]
         if self.observer is not None and self.observer.metrics is not None:
             routes.append(Route(settings.metrics_path or "", self.observer.metrics.endpoint))

@@ -133,8 +133,8 @@ class ImageEndpoint:
         first: bytes | None = None
         meta: FileMeta | None
         whole_get = method == "GET" and not conditional_request and range_header is None
-        hot = self.cache.get(name_hash) if self.cache is not None else None
-        if hot is not None and (hot.body is not None or not whole_get):
+        hot = self.cache.get(name_hash, need_body=whole_get) if self.cache is not None else None
+        if hot is not None:
             meta, first = hot.meta, hot.body
         elif whole_get:
             got = await self.fetch_first(name_hash)

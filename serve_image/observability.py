@@ -26,6 +26,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
+from serve_image.cache import HotCache
 from serve_image.failover import served_by
 from serve_image.settings import Settings
 
@@ -89,6 +90,13 @@ class Metrics:
         )
         for h in settings.hosts if settings.backend != "sqlite" else ():
             self.host_up.labels(h.label).set(1)
+        if settings.cache_max_bytes:
+            lookups = Counter(
+                "serve_image_cache_lookups", "Hot-cache lookups, by whether they found the file",
+                ["result"], registry=r,
+            )
+            # Bound once: a lookup is on the request path.
+            self.cache_hits, self.cache_misses = lookups.labels("hit"), lookups.labels("miss")
 
     # -- FailoverObserver ----------------------------------------------------
     def query(self, host: str, seconds: float) -> None:
@@ -102,6 +110,10 @@ class Metrics:
 
     def health(self, host: str, up: bool) -> None:
         self.host_up.labels(host).set(1 if up else 0)
+
+    # -- CacheObserver -----------------------------------------------------------
+    def cache_lookup(self, hit: bool) -> None:
+        (self.cache_hits if hit else self.cache_misses).inc()
 
     # -- the scrape ------------------------------------------------------------
     def exposition(self) -> bytes:
@@ -132,7 +144,9 @@ class Metrics:
 class Observer:
     """Wraps the HTTP handling: one access log line and the request metrics."""
 
-    def __init__(self, settings: Settings, backend: object) -> None:
+    def __init__(
+        self, settings: Settings, backend: object, cache: HotCache | None = None
+    ) -> None:
         self.settings = settings
         self.json = settings.access_log == "json"
         self.log = settings.access_log is not None
@@ -141,6 +155,8 @@ class Observer:
         failover = getattr(backend, "failover", None)
         if self.metrics is not None and failover is not None:
             failover.observer = self.metrics
+        if self.metrics is not None and cache is not None:
+            cache.observer = self.metrics
 
     async def __call__(self, app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
@@ -197,11 +213,13 @@ class Observer:
             self.metrics.close()
 
 
-def observer_for(settings: Settings, backend: object) -> Observer | None:
+def observer_for(
+    settings: Settings, backend: object, cache: HotCache | None = None
+) -> Observer | None:
     """The site's observer, or None when both the access log and metrics are off."""
     if settings.access_log is None and settings.metrics_path is None:
         return None
-    return Observer(settings, backend)
+    return Observer(settings, backend, cache)
 
 
 @contextmanager
