@@ -6,6 +6,7 @@ import asyncio
 import os
 import random
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,6 @@ SETTLE = {
     "mysql": ("ANALYZE TABLE ezdbfile, ezdbfile_data",),
     "sqlite": ("ANALYZE",),
 }
-
 
 
 @dataclass(frozen=True)
@@ -78,8 +78,9 @@ class Databases:
         self.created.clear()
 
 
-async def fill(constants: dict[str, Any], root: Path, files: BenchFiles) -> None:
-    """Store every file, cut in eZ's 65535-byte chunks, through serve-image's own writer."""
+async def fill(constants: dict[str, Any], root: Path, names: Sequence[str]) -> None:
+    """Store the files `names` under `root`, cut in eZ's 65535-byte chunks, through
+    serve-image's own writer, and settle the tables."""
     settings = settings_from_mapping(
         {**constants, "STORAGE_CHUNK_SIZE": CHUNK_SIZE, "STORAGE_POOL_SIZE": 4}, "<bench>", "bench"
     )
@@ -97,7 +98,7 @@ async def fill(constants: dict[str, Any], root: Path, files: BenchFiles) -> None
 
     try:
         await layout.create_tables()
-        await asyncio.gather(*(store(n) for n in files.small + files.large))
+        await asyncio.gather(*(store(n) for n in names))
         for statement in SETTLE[settings.backend]:
             await layout.driver.execute(statement)
     finally:

@@ -3,8 +3,8 @@
     python -m bench.db_only SITE_FILE NAME SECONDS CONNECTIONS
 
 Reads the stored file NAME whole, over and over, CONNECTIONS at a time for
-SECONDS, through the same code as the endpoint (`fetch_meta`, then
-`read_range` in its checked batches) in one process on uvloop as a worker
+SECONDS, through the same code as the endpoint (`Layout.meta`, then
+`Layout.read` in its checked batches) in one process on uvloop as a worker
 runs, and drops the bytes instead of sending them. It prints the line that
 bench/random_paths.lua prints for wrk, so the runner reports it like any
 system: its MB/s over nginx's is the most any worker reading through this

@@ -1,4 +1,4 @@
-"""SQLite driver choice: the thread-pool backend against aiosqlite (fetch_first of 10 KiB files).
+"""SQLite driver choice: the thread-pool backend against aiosqlite (`first` of 10 KiB files).
 
 Run: .venv/bin/pip install aiosqlite && .venv/bin/python bench/sqlite_driver.py
 """

@@ -10,6 +10,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
+from serve_image.cache import HotCache
 from serve_image.endpoint import ImageEndpoint, Receive, Scope, Send
 from serve_image.errors import (
     BadRequest,
@@ -68,12 +69,16 @@ class ServeImage:
         self.layout = layout or make_layout(settings, readonly=True)
         # LOCAL_COPY_DIR: files served whole are copied to disk after the response.
         self.local_copies = LocalCopies.for_site(settings, self.layout)
-        self.endpoint = ImageEndpoint(settings, self.layout, self.local_copies)
+        # CACHE_MAX_BYTES: small files answered from memory for up to CACHE_TTL.
+        self.cache = HotCache.for_site(settings)
+        self.endpoint = ImageEndpoint(settings, self.layout, self.local_copies, self.cache)
         # None unless ACCESS_LOG or METRICS_PATH is set: then nothing wraps a request.
         self.observer = observer_for(settings)
         routes = [Route(HEALTH_PATH, self.health, methods=["GET", "HEAD"])]
         if self.observer is not None and self.observer.metrics is not None:
             self.layout.observe(self.observer.metrics)
+            if self.cache is not None:
+                self.cache.observer = self.observer.metrics
             routes.append(Route(settings.metrics_path or "", self.observer.metrics.endpoint))
         # Everything that is not a file goes through Starlette: the health
         # check now, admin routes later. No image path ever reaches it.

@@ -49,7 +49,8 @@ class ImageEndpoint:
     """GET and HEAD of `/var/<dir>/storage/images[-versioned]/...` from the database."""
 
     def __init__(
-        self, settings: Settings, layout: Layout, local_copies: LocalCopies | None = None
+        self, settings: Settings, layout: Layout, local_copies: LocalCopies | None = None,
+        cache: HotCache | None = None,
     ) -> None:
         self.settings = settings
         self.layout = layout
@@ -65,10 +66,7 @@ class ImageEndpoint:
         # LOCAL_COPY_DIR: files served whole are copied to disk after the response.
         self.local_copies = local_copies
         # CACHE_MAX_BYTES: small files answered from memory for up to CACHE_TTL.
-        self.cache = (
-            HotCache(settings.cache_max_bytes, settings.cache_ttl)
-            if settings.cache_max_bytes else None
-        )
+        self.cache = cache
         # Concurrent reads of rows share queries while the database is busy.
         self.reads = BatchedReads(layout)
 
@@ -125,8 +123,8 @@ class ImageEndpoint:
         first: bytes | None = None
         meta: FileMeta | None
         whole_get = method == "GET" and not conditional_request and range_header is None
-        hot = self.cache.get(name_hash) if self.cache is not None else None
-        if hot is not None and (hot.body is not None or not whole_get):
+        hot = self.cache.get(name_hash, need_body=whole_get) if self.cache is not None else None
+        if hot is not None:
             meta, first = hot.meta, hot.body
         elif whole_get:
             got = await self.reads.first(name_hash)

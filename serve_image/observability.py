@@ -89,6 +89,13 @@ class Metrics:
         )
         for h in settings.hosts if settings.backend != "sqlite" else ():
             self.host_up.labels(h.label).set(1)
+        if settings.cache_max_bytes:
+            lookups = Counter(
+                "serve_image_cache_lookups", "Hot-cache lookups, by whether they found the file",
+                ["result"], registry=r,
+            )
+            # Bound once: a lookup is on the request path.
+            self.cache_hits, self.cache_misses = lookups.labels("hit"), lookups.labels("miss")
 
     # -- drivers.base.Observer ----------------------------------------------------
     def query(self, host: str, seconds: float) -> None:
@@ -102,6 +109,10 @@ class Metrics:
 
     def health(self, host: str, up: bool) -> None:
         self.host_up.labels(host).set(1 if up else 0)
+
+    # -- CacheObserver -----------------------------------------------------------
+    def cache_lookup(self, hit: bool) -> None:
+        (self.cache_hits if hit else self.cache_misses).inc()
 
     # -- the scrape ------------------------------------------------------------
     def exposition(self) -> bytes:

@@ -139,6 +139,27 @@ async def test_metrics_count_requests_bytes_latency_and_queries(
         assert m[("serve_image_db_connections_in_use", host)] == 0
         assert m[("serve_image_db_connections_waiting", host)] == 0
         assert m[("serve_image_db_host_up", host)] == 1
+    assert not [k for k in m if k[0].startswith("serve_image_cache")]  # no hot cache
+
+
+@pytest.mark.parametrize(
+    "observed", [{"metrics_path": "/-/metrics", "cache_max_bytes": 1 << 20}], indirect=True
+)
+async def test_metrics_count_hot_cache_hits_and_misses(
+    observed: tuple[ServeImage, httpx.AsyncClient], writer: Layout
+) -> None:
+    _, c = observed
+    small = f"/{IMG}/small.jpg"
+    await store(writer, small[1:], b"x" * 100)
+    assert (await c.get(small)).status_code == 200  # miss: read, then kept with its bytes
+    assert (await c.get(small)).content == b"x" * 100  # hit
+    # A is 2,500 bytes in three chunks: only its row is kept.
+    assert (await c.get(A, headers={"if-none-match": '"other"'})).status_code == 200  # miss
+    assert (await c.get(A)).content == DATA  # miss: a whole GET needs the bytes
+    assert (await c.get(A, headers={"range": "bytes=0-9"})).status_code == 206  # hit: the row
+    m = samples((await c.get("/-/metrics")).text)
+    assert m[("serve_image_cache_lookups_total", (("result", "hit"),))] == 2
+    assert m[("serve_image_cache_lookups_total", (("result", "miss"),))] == 3
 
 
 @pytest.mark.parametrize("backend_name", ["mysql", "pgsql"])
