@@ -65,7 +65,7 @@ class ServeImage:
 
     def __init__(self, settings: Settings, layout: Layout | None = None) -> None:
         self.settings = settings
-        self.layout = layout or make_layout(settings, readonly=True)
+        self.layout = layout or make_layout(settings, readonly=True, replicas=True)
         # LOCAL_COPY_DIR: files served whole are copied to disk after the response.
         self.local_copies = LocalCopies.for_site(settings, self.layout)
         self.endpoint = ImageEndpoint(settings, self.layout, self.local_copies)
