@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -509,6 +510,8 @@ async def test_replica_killed_under_load_no_request_fails_and_reads_come_back(
             stop.set()
             await asyncio.gather(*workers)
     failed = [r for r in results if r[1] != 200 or not r[2]]
+    print(f"\n[figure] {pair.backend} replica killed under load: {len(results)} requests, "
+          f"{len(failed)} failed", file=sys.stderr)
     assert failed == []
     assert served_before > 10 and len(results) > served_before + 20
     assert {name for name, _, _ in results} == {SMALL, MEDIUM}
