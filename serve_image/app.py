@@ -66,7 +66,7 @@ class ServeImage:
 
     def __init__(self, settings: Settings, layout: Layout | None = None) -> None:
         self.settings = settings
-        self.layout = layout or make_layout(settings, readonly=True)
+        self.layout = layout or make_layout(settings, readonly=True, replicas=True)
         # LOCAL_COPY_DIR: files served whole are copied to disk after the response.
         self.local_copies = LocalCopies.for_site(settings, self.layout)
         # CACHE_MAX_BYTES: small files answered from memory for up to CACHE_TTL.

@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 
 from serve_image.storage import FileMeta, First, Layout
+from serve_image.storage.drivers.failover import served_by
 
 T = TypeVar("T")
 
@@ -40,7 +41,9 @@ class Batcher(Generic[T]):
         self.one = one
         self.many = many
         self.in_flight = 0
-        self._waiting: dict[str, list[asyncio.Future[T | None]]] = {}
+        # Each waiter gets the row and the server that answered the shared
+        # query (its access log line names it: the query ran in another task).
+        self._waiting: dict[str, list[asyncio.Future[tuple[T | None, str | None]]]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def __call__(self, name_hash: str) -> T | None:
@@ -54,14 +57,18 @@ class Batcher(Generic[T]):
                 self._flush()
         # Each waiter has a future of its own: a request that goes away (its
         # client hung up) cancels only that, never the query the others share.
-        future: asyncio.Future[T | None] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[tuple[T | None, str | None]] = (
+            asyncio.get_running_loop().create_future()
+        )
         self._waiting.setdefault(name_hash, []).append(future)
         self._flush()
-        return await future
+        found, host = await future
+        served_by.set(host)
+        return found
 
     def _flush(self) -> None:
         while self._waiting and self.in_flight < MAX_IN_FLIGHT:
-            batch: dict[str, list[asyncio.Future[T | None]]] = {}
+            batch: dict[str, list[asyncio.Future[tuple[T | None, str | None]]]] = {}
             for key in list(self._waiting)[:MAX_BATCH]:
                 batch[key] = self._waiting.pop(key)
             self.in_flight += 1
@@ -70,8 +77,11 @@ class Batcher(Generic[T]):
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _read(self, batch: dict[str, list[asyncio.Future[T | None]]]) -> None:
+    async def _read(
+        self, batch: dict[str, list[asyncio.Future[tuple[T | None, str | None]]]]
+    ) -> None:
         futures = [f for waiters in batch.values() for f in waiters]
+        served_by.set(None)  # this task's context is a copy of whichever task flushed it
         try:
             found = await self.many(list(batch))
         except Exception as e:  # each waiter gets the error: a lost database is its 503
@@ -83,10 +93,11 @@ class Batcher(Generic[T]):
                 f.cancel()
             raise
         else:
+            host = served_by.get()
             for key, waiters in batch.items():
                 for f in waiters:
                     if not f.done():
-                        f.set_result(found.get(key))
+                        f.set_result((found.get(key), host))
         finally:
             self.in_flight -= 1
             self._flush()

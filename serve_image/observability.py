@@ -87,7 +87,7 @@ class Metrics:
             "serve_image_db_host_up", "1 when the database server is in use, 0 when put aside",
             ["host"], multiprocess_mode="livemin", registry=r,
         )
-        for h in settings.hosts if settings.backend != "sqlite" else ():
+        for h in (*settings.hosts, *settings.replicas) if settings.backend != "sqlite" else ():
             self.host_up.labels(h.label).set(1)
         if settings.cache_max_bytes:
             lookups = Counter(

@@ -71,6 +71,8 @@ class Settings:
     socket: str | None
     # Every server to try, in order (STORAGE_HOSTS, or the one STORAGE_HOST).
     hosts: tuple[StorageHost, ...]
+    # STORAGE_REPLICAS: the endpoint's reads go to the first one up (storage/replicas.py).
+    replicas: tuple[StorageHost, ...]
     user: str
     password: str = dataclasses.field(repr=False)
     database: str
@@ -183,7 +185,8 @@ def _header_value(v: Any) -> str:
 
 
 def _hosts(v: Any) -> list[dict[str, Any]]:
-    """STORAGE_HOSTS: "host", "host:port", "[v6]:port" or {"host", "port", "socket"}."""
+    """STORAGE_HOSTS, STORAGE_REPLICAS: "host", "host:port", "[v6]:port" or {"host", "port",
+    "socket"}."""
     if isinstance(v, str) or not isinstance(v, list | tuple) or not v:
         raise ValueError('must be a non-empty list such as ["db1:3306", "db2:3306"]')
     out = []
@@ -242,6 +245,7 @@ _CONSTANTS: dict[str, tuple[Callable[[Any], Any], Any]] = {
     "STORAGE_PORT": (_int_range(1, 65535), None),
     "STORAGE_SOCKET": (_opt_str, None),
     "STORAGE_HOSTS": (_hosts, None),
+    "STORAGE_REPLICAS": (_hosts, None),
     "STORAGE_RETRY_INTERVAL": (_seconds, 0.25),
     "STORAGE_USER": (_str, ""),
     "STORAGE_PASS": (_str, ""),
@@ -333,6 +337,7 @@ def settings_from_mapping(values: Mapping[str, Any], source: str, name: str = ""
         backend, "sqlite3"
     )
     hosts = _storage_hosts(values, out, source, backend, port)
+    replicas = _replicas(out, source, backend)
     max_age = f"max-age={out['EXPIRY_TIMEOUT']}"
     cache_control = out["CACHE_CONTROL"] or f"public, {max_age}"
     return Settings(
@@ -343,6 +348,7 @@ def settings_from_mapping(values: Mapping[str, Any], source: str, name: str = ""
         port=hosts[0].port,
         socket=hosts[0].socket,
         hosts=hosts,
+        replicas=replicas,
         user=out["STORAGE_USER"],
         password=out["STORAGE_PASS"],
         database=database,
@@ -379,17 +385,35 @@ def _storage_hosts(
     values: Mapping[str, Any], out: Mapping[str, Any], source: str, backend: str, port: int
 ) -> tuple[StorageHost, ...]:
     """The servers to try in order: STORAGE_HOSTS, or the single STORAGE_HOST/PORT/SOCKET."""
-    listed = out["STORAGE_HOSTS"]
+    listed = _server_list(out, source, "STORAGE_HOSTS", backend)
     if listed is None:
         return (StorageHost(out["STORAGE_HOST"], port, out["STORAGE_SOCKET"]),)
-    if backend == "sqlite":
-        raise _error(source, "STORAGE_HOSTS", "is for the mysql and pgsql backends, not sqlite")
     for single in ("STORAGE_HOST", "STORAGE_PORT", "STORAGE_SOCKET"):
         if single in values:
             raise _error(
                 source, "STORAGE_HOSTS",
                 f"and {single} are both set: list every server in STORAGE_HOSTS alone",
             )
+    return _addresses(listed, backend)
+
+
+def _replicas(out: Mapping[str, Any], source: str, backend: str) -> tuple[StorageHost, ...]:
+    """STORAGE_REPLICAS: the servers the endpoint reads from before the primary."""
+    listed = _server_list(out, source, "STORAGE_REPLICAS", backend)
+    return () if listed is None else _addresses(listed, backend)
+
+
+def _server_list(
+    out: Mapping[str, Any], source: str, name: str, backend: str
+) -> list[dict[str, Any]] | None:
+    """A list of servers (STORAGE_HOSTS, STORAGE_REPLICAS): a database server's setting."""
+    listed: list[dict[str, Any]] | None = out[name]
+    if listed is not None and backend == "sqlite":
+        raise _error(source, name, "is for the mysql and pgsql backends, not sqlite")
+    return listed
+
+
+def _addresses(listed: list[dict[str, Any]], backend: str) -> tuple[StorageHost, ...]:
     return tuple(
         StorageHost(h["host"], h["port"] or DEFAULT_PORTS[backend], h["socket"]) for h in listed
     )

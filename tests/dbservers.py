@@ -1,8 +1,11 @@
-"""Database servers of a test's own, to stop and start: a MariaDB and a PostgreSQL cluster.
+"""Database servers of a test's own, to stop and start: a MariaDB and a PostgreSQL cluster,
+and a replica of each.
 
 Each lives in a temporary directory, listens on its own loopback port and
 Unix socket, and is killed (not shut down politely: a crash is what failover
-must survive) and restarted by the failover tests.
+must survive) and restarted by the failover and replica tests. A replica
+follows its primary as in production: MariaDB's binary log replication
+(GTID, crash-safe), PostgreSQL's streaming replication of a base backup.
 """
 
 from __future__ import annotations
@@ -82,8 +85,11 @@ class Server:
 class MariaDB(Server):
     what = "mariadb"
 
-    def __init__(self) -> None:
+    def __init__(self, server_id: int = 1, binlog: bool = False) -> None:
         super().__init__()
+        self.server_id = server_id
+        # A primary writes the binary log its replicas read.
+        self.binlog = binlog
         data = self.dir / "data"
         subprocess.run(
             ["mariadb-install-db", "--no-defaults", f"--datadir={data}", "--user=root",
@@ -98,9 +104,25 @@ class MariaDB(Server):
             "/usr/sbin/mariadbd", "--no-defaults", f"--datadir={d / 'data'}", f"--port={self.port}",
             f"--socket={d / 'mysql.sock'}", f"--pid-file={d / 'mysql.pid'}",
             "--bind-address=127.0.0.1", "--user=root", "--skip-name-resolve",
-            "--skip-log-bin", "--innodb-buffer-pool-size=32M", "--innodb-flush-log-at-trx-commit=2",
+            *([f"--log-bin={d / 'binlog'}", "--binlog-format=ROW"] if self.binlog
+              else ["--skip-log-bin"]),
+            f"--server-id={self.server_id}", f"--relay-log={d / 'relay'}",
+            "--innodb-buffer-pool-size=32M", "--innodb-flush-log-at-trx-commit=2",
             "--max-connections=200",
         ], {}
+
+    def sql(self, statement: str) -> list[tuple[object, ...]]:
+        """Run one statement as root; its rows."""
+        import pymysql
+
+        conn = pymysql.connect(host="127.0.0.1", port=self.port, user="root", password="",
+                               connect_timeout=5, autocommit=True)
+        try:
+            with conn.cursor() as cur:
+                cur.execute(statement)
+                return list(cur.fetchall())
+        finally:
+            conn.close()
 
     def wait_ready(self) -> None:
         import pymysql
@@ -146,6 +168,16 @@ class PostgreSQL(Server):
             "-c", "shared_buffers=16MB", "-c", "max_connections=100",
         ], {"user": self.uid, "group": self.gid}
 
+    def sql(self, statement: str, database: str = "postgres") -> list[tuple[str, ...]]:
+        """Run one statement as postgres with psql; its rows, as text."""
+        out = subprocess.run(
+            [str(self.bin / "psql"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres",
+             "-d", database, "-X", "-A", "-t", "-F", "\t", "-v", "ON_ERROR_STOP=1",
+             "-c", statement],
+            check=True, capture_output=True, text=True, timeout=30,
+        ).stdout
+        return [tuple(line.split("\t")) for line in out.splitlines() if line]
+
     def wait_ready(self) -> None:
         deadline = time.monotonic() + 30
         while subprocess.run(
@@ -155,3 +187,81 @@ class PostgreSQL(Server):
             if time.monotonic() > deadline:
                 raise RuntimeError("postgresql did not become ready")
             time.sleep(0.05)
+
+
+class MariaDBReplica(MariaDB):
+    """A second mariadbd replicating every database of `primary` (started with binlog=True)."""
+
+    what = "mariadb-replica"
+
+    def __init__(self, primary: MariaDB) -> None:
+        super().__init__(server_id=primary.server_id + 1)
+        self.primary = primary
+
+    def follow(self) -> None:
+        """Replicate from the start of the primary's binary log (once, after the first start).
+
+        GTID positions are kept in an InnoDB table, so a replica killed and
+        started again goes on where it was; it starts replicating by itself.
+        """
+        self.sql(
+            f"CHANGE MASTER TO MASTER_HOST='127.0.0.1', MASTER_PORT={self.primary.port}, "
+            "MASTER_USER='root', MASTER_PASSWORD='', MASTER_USE_GTID=slave_pos, "
+            "MASTER_CONNECT_RETRY=1"
+        )
+        self.sql("START SLAVE")
+
+    def pause(self) -> None:
+        """Lag: stop applying the primary's changes."""
+        self.sql("STOP SLAVE")
+
+    def resume(self) -> None:
+        self.sql("START SLAVE")
+
+    def catch_up(self, seconds: float = 30) -> None:
+        """Wait until every change the primary has made is applied here."""
+        ((position,),) = self.primary.sql("SELECT @@gtid_binlog_pos")
+        ((waited,),) = self.sql(f"SELECT MASTER_GTID_WAIT('{position}', {seconds})")
+        if waited != 0:
+            raise RuntimeError(f"replica did not reach {position} within {seconds} s: "
+                               f"{self.sql('SHOW SLAVE STATUS')}")
+
+
+class PostgreSQLReplica(PostgreSQL):
+    """A hot standby streaming from `primary`, made by `pg_basebackup -R`."""
+
+    what = "postgresql-replica"
+
+    def __init__(self, primary: PostgreSQL) -> None:
+        Server.__init__(self)
+        self.primary = primary
+        self.bin, self.uid, self.gid = primary.bin, primary.uid, primary.gid
+        os.chown(self.dir, self.uid, self.gid)
+        # -R writes standby.signal and primary_conninfo: it starts as a standby.
+        subprocess.run(
+            [str(self.bin / "pg_basebackup"), "-h", "127.0.0.1", "-p", str(primary.port),
+             "-U", "postgres", "-D", str(self.dir / "data"), "-R", "-X", "stream",
+             "--no-sync", "-c", "fast"],
+            check=True, capture_output=True, timeout=120, user=self.uid, group=self.gid,
+        )
+
+    def pause(self) -> None:
+        """Lag: stop replaying the WAL it receives."""
+        self.sql("SELECT pg_wal_replay_pause()")
+        deadline = time.monotonic() + 30
+        while self.sql("SELECT pg_get_wal_replay_pause_state()") != [("paused",)]:
+            if time.monotonic() > deadline:
+                raise RuntimeError("replay did not pause")
+            time.sleep(0.02)
+
+    def resume(self) -> None:
+        self.sql("SELECT pg_wal_replay_resume()")
+
+    def catch_up(self, seconds: float = 30) -> None:
+        """Wait until the WAL the primary has written is replayed here."""
+        ((lsn,),) = self.primary.sql("SELECT pg_current_wal_lsn()")
+        deadline = time.monotonic() + seconds
+        while self.sql(f"SELECT pg_last_wal_replay_lsn() >= '{lsn}'::pg_lsn") != [("t",)]:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"replica did not replay up to {lsn} within {seconds} s")
+            time.sleep(0.02)

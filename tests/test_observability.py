@@ -75,6 +75,24 @@ async def test_json_access_log_one_line_per_request(
     assert all(x["complete"] is True and x["duration_ms"] >= 0 for x in lines)
 
 
+@pytest.mark.parametrize("observed", [{"access_log": "json"}], indirect=True)
+async def test_batched_requests_name_the_server_that_answered(
+    observed: tuple[ServeImage, httpx.AsyncClient], caplog: pytest.LogCaptureFixture,
+    settings: Settings, writer: Layout,
+) -> None:
+    """Regression: a request whose row came from a shared query (batching.py, run in a task
+    of its own) was logged with `db_host` null."""
+    _, c = observed
+    tiny = f"{IMG}/tiny.jpg"  # one chunk: the shared query is the request's only one
+    await store(writer, tiny, b"t" * 500)
+    with caplog.at_level(logging.INFO, "serve_image.access"):
+        answers = await asyncio.gather(*(c.get(f"/{tiny}") for _ in range(20)))
+    assert {(r.status_code, r.content) for r in answers} == {(200, b"t" * 500)}
+    lines = [json.loads(line) for line in access_lines(caplog)]
+    host = None if settings.backend == "sqlite" else f"{settings.host}:{settings.port}"
+    assert [x["db_host"] for x in lines] == [host] * 20
+
+
 @pytest.mark.parametrize("observed", [{"access_log": "text"}], indirect=True)
 async def test_text_access_log_stays_one_line_whatever_the_path(
     observed: tuple[ServeImage, httpx.AsyncClient], caplog: pytest.LogCaptureFixture

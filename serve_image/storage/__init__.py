@@ -21,6 +21,7 @@ from serve_image.storage.errors import (
 from serve_image.storage.files import BrokenFile, FileMeta, StoredFile
 from serve_image.storage.layout import First, Layout
 from serve_image.storage.names import name_hash
+from serve_image.storage.replicas import ReplicaLayout, replica_settings
 
 DRIVERS = {
     "mysql": "serve_image.storage.drivers.mysql:MySQLDriver",
@@ -55,11 +56,21 @@ def _load(target: str, settings: Settings) -> Any:
     return getattr(module, class_name)
 
 
-def make_layout(settings: Settings, *, readonly: bool = False) -> Layout:
+def make_layout(settings: Settings, *, readonly: bool = False, replicas: bool = False) -> Layout:
     """The site's layout over its driver, not yet connected.
 
     `readonly`: the endpoint's (a SQLite file is opened read-only).
+    `replicas`: the endpoint's too: with STORAGE_REPLICAS, reads go to the
+    replicas first (storage/replicas.py). The command line never sets it,
+    so its writes and its reads go to the primary.
     """
+    layout = _make(settings, readonly)
+    if replicas and settings.replicas:
+        return ReplicaLayout(layout, _make(replica_settings(settings), readonly))
+    return layout
+
+
+def _make(settings: Settings, readonly: bool) -> Layout:
     try:
         driver = _load(DRIVERS[settings.backend], settings)(settings, readonly=readonly)
     except ImportError as e:  # the MySQL driver names what STORAGE_DRIVER needs

@@ -33,6 +33,9 @@ class Layout(abc.ABC):
     """The files of one site, read by the endpoint and written by the command line."""
 
     name: ClassVar[str]
+    # `first` brings the file's first bytes with its row whenever they are
+    # stored (a chunk, a piece of a large object): see `has_bytes`.
+    bytes_in_first: ClassVar[bool] = False
 
     def __init__(self, settings: Settings, driver: Driver) -> None:
         self.settings = settings
@@ -74,6 +77,18 @@ class Layout(abc.ABC):
     @abc.abstractmethod
     async def first_many(self, hashes: Sequence[str]) -> dict[str, First]:
         """`first` of many files in one query (batching.py)."""
+
+    def has_bytes(self, got: First) -> bool:
+        """Are the bytes of a row read by `first` stored, as far as `first` can tell?
+
+        False for a row whose bytes are not stored yet, as a replica that
+        lags may show it (storage/replicas.py then asks the primary). Only a
+        layout whose `first` reads the first bytes with the row whenever
+        they are stored can tell (`bytes_in_first`); for the others `check`
+        decides.
+        """
+        meta, data = got
+        return not self.bytes_in_first or meta.size == 0 or data is not None
 
     async def check(self, meta: FileMeta) -> None:  # noqa: B027 - the rows' own check suffices
         """Before the headers go out: raise FileUnavailable if this version cannot be read now."""

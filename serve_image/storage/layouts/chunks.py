@@ -140,6 +140,7 @@ INSERT_CHUNK = 'INSERT INTO ezdbfile_data (name_hash, "offset", filedata) VALUES
 
 class ChunkLayout(RowLayout):
     name = "chunks"
+    bytes_in_first = True
 
     def __init__(self, settings: Settings, driver: Driver) -> None:
         super().__init__(settings, driver, Table("ezdbfile"), DDL[driver.name])

@@ -79,6 +79,7 @@ MAX_NAME = 255
 
 class LargeObjectLayout(RowLayout):
     name = "largeobject"
+    bytes_in_first = True
 
     def __init__(self, settings: Settings, driver: Driver) -> None:
         super().__init__(settings, driver, Table("ezdbfile", expired=None), DDL)
