@@ -19,6 +19,7 @@ from serve_image.backends import BackendImportError, make_backend
 from serve_image.backends.base import Backend
 from serve_image.errors import DatabaseUnavailable
 from serve_image.litefs import replica_message, replica_primary
+from serve_image.servers import ServerImportError
 from serve_image.settings import Settings, SiteConfigError
 
 COMMAND_MODULES = [
@@ -79,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(name)s: %(message)s")
     try:
         return int(args.func(args))
-    except (SiteConfigError, BackendImportError, CommandError) as e:
+    except (SiteConfigError, BackendImportError, ServerImportError, CommandError) as e:
         print(f"serve-image: error: {e}", file=sys.stderr)
         return 2 if isinstance(e, SiteConfigError) else 1
     except DatabaseUnavailable as e:

@@ -1,8 +1,10 @@
-"""A real uvicorn server in the test's event loop, and a raw-socket client that reads slowly."""
+"""A real server (uvicorn or granian) in the test's event loop, and a raw-socket client
+that reads slowly."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import socket
 import urllib.parse
 from collections.abc import AsyncIterator
@@ -11,7 +13,11 @@ from typing import Any
 
 import uvicorn
 
+from serve_image.servers import SERVERS, ServerOptions
 from tests.helpers import free_port
+
+# Every server of serve_image/servers/, for tests where the server matters.
+SERVER_NAMES = list(SERVERS)
 
 Answer = tuple[int, dict[bytes, bytes], bytes, list[dict[str, Any]]]
 
@@ -48,13 +54,39 @@ async def call(app: Any, raw_path: bytes, method: str = "GET",
 
 
 @asynccontextmanager
-async def uvicorn_server(app: Any, **config: Any) -> AsyncIterator[int]:
-    """Serve `app` (already started) on a loopback port for the block; yields the port."""
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(
-        app, host="127.0.0.1", port=port, lifespan="off", log_level="warning",
-        http="httptools", **config,
-    ))
+async def live_server(
+    app: Any, server: str = "uvicorn", options: ServerOptions | None = None
+) -> AsyncIterator[int]:
+    """Serve `app` (already started) on a loopback port for the block; yields the port.
+
+    The server gets the arguments serve_image/servers/ gives it for `options`,
+    but its logging: the test's own (caplog) stays as it is.
+    """
+    options = dataclasses.replace(options or ServerOptions(), port=free_port(), log_level="warning")
+    runner = uvicorn_server if server == "uvicorn" else granian_server
+    async with runner(app, options):
+        await _until_listening(options.port)
+        yield options.port
+
+
+async def _until_listening(port: int) -> None:
+    for _ in range(500):
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            await asyncio.sleep(0.01)
+            continue
+        writer.close()
+        return
+    raise RuntimeError(f"nothing listening on port {port}")
+
+
+@asynccontextmanager
+async def uvicorn_server(app: Any, options: ServerOptions) -> AsyncIterator[None]:
+    from serve_image.servers import uvicorn as chosen
+
+    config = {**chosen.config(options), "log_config": None}
+    server = uvicorn.Server(uvicorn.Config(app, lifespan="off", **config))
     task = asyncio.create_task(server.serve())
     for _ in range(500):
         if server.started or task.done():
@@ -64,9 +96,28 @@ async def uvicorn_server(app: Any, **config: Any) -> AsyncIterator[int]:
         await task  # raises what made it fail
         raise RuntimeError("uvicorn did not start")
     try:
-        yield port
+        yield
     finally:
         server.should_exit = True
+        await asyncio.wait_for(task, 30)
+
+
+@asynccontextmanager
+async def granian_server(app: Any, options: ServerOptions) -> AsyncIterator[None]:
+    """granian's embedded server: the same Rust worker as `serve --server granian`,
+    in this event loop."""
+    from granian.constants import Interfaces
+    from granian.server.embed import Server
+
+    from serve_image.servers import granian as chosen
+
+    arguments = {**chosen.server_arguments(options), "log_dictconfig": None}
+    server = Server(app, interface=Interfaces.ASGINL, **arguments)
+    task = asyncio.create_task(server.serve())
+    try:
+        yield
+    finally:
+        server.stop()
         await asyncio.wait_for(task, 30)
 
 
