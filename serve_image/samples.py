@@ -75,5 +75,14 @@ img {{ max-width: 320px; border: 1px solid #ccc; }}
 <h1>serve-image demo</h1>
 <p>These images are read from the demo's SQLite database, as eZ Publish keeps them.</p>
 {items}
+<p id="status">loading</p>
+<script>
+addEventListener("load", () => {{
+  const images = [...document.images];
+  for (const img of images) img.dataset.naturalWidth = img.naturalWidth;
+  const shown = images.filter((img) => img.naturalWidth > 0).length;
+  document.getElementById("status").textContent = `${{shown}} of ${{images.length}} images shown`;
+}});
+</script>
 </body></html>
 """.encode()

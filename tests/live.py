@@ -5,12 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import socket
+import subprocess
+import sys
+import time
 import urllib.parse
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
 from typing import Any
 
+import httpx
 import uvicorn
 
 from serve_image.servers import SERVERS, ServerOptions
@@ -119,6 +125,41 @@ async def granian_server(app: Any, options: ServerOptions) -> AsyncIterator[None
     finally:
         server.stop()
         await asyncio.wait_for(task, 30)
+
+
+@contextmanager
+def serve_process(
+    site: Path, server: str, log: Path, *, command: str = "serve", extra: Sequence[str] = (),
+    preexec_fn: Callable[[], None] | None = None,
+) -> Iterator[int]:
+    """`serve-image serve` (or `demo`) under `server`, its output in `log`, until its
+    health check answers; yields the port, and stops it however the block ends."""
+    port = free_port()
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "serve_image", command, "--site", str(site),
+             "--port", str(port), "--server", server, *extra],
+            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            preexec_fn=preexec_fn,
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{server} did not start: {log.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/-/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.05)
+        yield port
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 class RawClient:

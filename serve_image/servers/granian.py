@@ -4,11 +4,12 @@ Its own options cover serve-image's: HTTP1Settings.header_read_timeout is
 HEADER_TIMEOUT, and `backpressure` (connections per worker: a worker stops
 accepting at the bound) is MAX_CONNECTIONS. What that means for clients is in
 docs/internet-facing.md: over the bound they wait in the listen backlog
-instead of getting a 503, and a connection that never sends a byte is not
-timed out. granian answers malformed requests 400 itself and logs nothing.
+instead of getting a 503. granian answers malformed requests 400 itself and
+neither logs nor reports them.
 
-Only HTTP/1.1 is served, as under uvicorn: the header timeout is an HTTP/1
-setting.
+Only HTTP/1.1 is served, as under uvicorn: in granian's "auto" mode, which
+waits for a first byte to tell HTTP/1 from HTTP/2, a connection that sends
+nothing is never timed out.
 """
 
 from __future__ import annotations
