@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import re
 import resource
+import shutil
+import subprocess
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -23,7 +27,8 @@ from serve_image.backends import make_backend
 from serve_image.servers import ServerImportError, ServerOptions, load
 from serve_image.servers.uvicorn import INVALID_REQUEST, InvalidRequestLog
 from serve_image.settings import load_site
-from tests.helpers import IMG, payload, store
+from tests.conftest import server_missing
+from tests.helpers import IMG, free_port, payload, store
 from tests.live import SERVER_NAMES, live_server, serve_process
 
 pytestmark = pytest.mark.slow
@@ -303,3 +308,48 @@ def test_a_server_whose_package_is_missing_is_named(monkeypatch: pytest.MonkeyPa
         load("nosuchserver")
     assert str(e.value) == ("--server nosuchserver needs the nosuchserver package: "
                             "pip install 'serve-image[nosuchserver]'")
+
+
+# -- the front servers' settings in docs/internet-facing.md ---------------------
+DOC = Path(__file__).resolve().parent.parent / "docs" / "internet-facing.md"
+
+
+def doc_block(after: str) -> str:
+    """The indented block that follows the paragraph starting with `after`."""
+    text = DOC.read_text()
+    m = re.search(rf"^{re.escape(after)}.*?\n\n((?:    [^\n]*\n)+)", text, re.M | re.S)
+    assert m is not None, after
+    return "\n".join(line[4:] for line in m.group(1).splitlines())
+
+
+def test_apache_settings_in_the_doc_pass_apaches_config_test(tmp_path: Path) -> None:
+    apache = shutil.which("apache2") or "/usr/sbin/apache2"
+    if not os.access(apache, os.X_OK):
+        server_missing("apache2", FileNotFoundError(apache))
+    conf = tmp_path / "httpd.conf"
+    conf.write_text(
+        f"ServerRoot {tmp_path}\nServerName 127.0.0.1\n"
+        "LoadModule mpm_event_module /usr/lib/apache2/modules/mod_mpm_event.so\n"
+        "LoadModule reqtimeout_module /usr/lib/apache2/modules/mod_reqtimeout.so\n"
+        f"Listen 127.0.0.1:{free_port()}\nPidFile {tmp_path}/httpd.pid\n"
+        f"ErrorLog {tmp_path}/error.log\n{doc_block('Apache, with mod_reqtimeout')}\n"
+    )
+    done = subprocess.run([apache, "-t", "-f", str(conf)], capture_output=True, text=True,
+                          timeout=30)
+    assert (done.returncode, done.stderr.strip()) == (0, "Syntax OK")
+
+
+def test_nginx_settings_in_the_doc_pass_nginxs_config_test(tmp_path: Path) -> None:
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    if not os.access(nginx, os.X_OK):
+        server_missing("nginx", FileNotFoundError(nginx))
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(
+        f"pid {tmp_path}/nginx.pid;\nerror_log {tmp_path}/error.log;\nevents {{}}\n"
+        f"http {{\n{doc_block('nginx, in the')}\n"
+        f"    server {{ listen 127.0.0.1:{free_port()}; access_log off; }}\n}}\n"
+    )
+    done = subprocess.run([nginx, "-t", "-c", str(conf), "-p", str(tmp_path)],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert "test is successful" in done.stderr
