@@ -131,10 +131,10 @@ def _site_file(path: Path, constants: dict[str, Any]) -> Path:
 
 
 def make_systems(tmp: Path, docroot: Path, sites: dict[str, dict[str, Any]]) -> list[System]:
-    """serve-image per backend with 1 and 2 workers (and MariaDB with aiomysql, and with
-    the hot cache), nginx from disk, the naive port per backend, and the two halves
-    of serve-image alone: its HTTP side (files from memory) and its database reads
-    per backend."""
+    """serve-image per backend with 1 and 2 workers (and MariaDB with aiomysql, with
+    the hot cache, and under granian with and without it), nginx from disk, the
+    naive port per backend, and the two halves of serve-image alone: its HTTP side
+    (files from memory) and its database reads per backend."""
     systems = []
     for backend, constants in sites.items():
         for workers in (1, 2):
@@ -145,16 +145,19 @@ def make_systems(tmp: Path, docroot: Path, sites: dict[str, dict[str, Any]]) -> 
                 [str(VENV_BIN / "serve-image"), "serve", "--site", str(site), "--port", str(port),
                  "--workers", str(workers), "--log-level", "warning"], port))
     if "mysql" in sites:
-        variants: dict[str, dict[str, Any]] = {
-            "aiomysql": {"STORAGE_DRIVER": "aiomysql"}, "cache": HOT_CACHE,
+        # variant -> (site constants, `serve` flags) over serve-image-mysql-1w's.
+        granian = ["--server", "granian"]
+        variants: dict[str, tuple[dict[str, Any], list[str]]] = {
+            "aiomysql": ({"STORAGE_DRIVER": "aiomysql"}, []), "cache": (HOT_CACHE, []),
+            "granian": ({}, granian), "cache-granian": (HOT_CACHE, granian),
         }
-        for variant, extra in variants.items():
+        for variant, (extra, flags) in variants.items():
             site = _site_file(tmp / f"site_mysql_{variant}.py", {**sites["mysql"], **extra})
             port = free_port()
             systems.append(System(
                 f"serve-image-mysql-1w-{variant}",
                 [str(VENV_BIN / "serve-image"), "serve", "--site", str(site), "--port",
-                 str(port), "--log-level", "warning"], port))
+                 str(port), "--log-level", "warning", *flags], port))
     port = free_port()
     conf = tmp / "nginx.conf"
     conf.write_text(
