@@ -38,13 +38,9 @@ class Connections:
     """This process's client connections, as the HTTP server reports them."""
 
     open: int = 0
-    # True once a server reports connections: under one that does not
-    # (granian), the count is unknown rather than 0.
-    counted: bool = False
     observers: list[ConnectionObserver] = field(default_factory=list)
 
     def opened(self) -> None:
-        self.counted = True
         self.open += 1
         for o in self.observers:
             o.connections_open(self.open)
