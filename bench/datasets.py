@@ -122,10 +122,10 @@ def _prime_on(conn: http.client.HTTPConnection, system: System, small: list[str]
 
 def standard_systems(tmp: Path, docroot: Path, sites: dict[str, dict[str, Any]],
                      servers: dict[str, procfs.DatabaseServer | None]) -> list[System]:
-    """serve-image per backend with 1 and 2 workers (and MariaDB with aiomysql, and with
-    the hot cache), nginx from disk, the naive port per backend, and the two halves
-    of serve-image alone: its HTTP side (files from memory) and its database reads
-    per backend."""
+    """serve-image per backend with 1 and 2 workers (and MariaDB with aiomysql, with
+    the hot cache, and under granian with and without it), nginx from disk, the
+    naive port per backend, and the two halves of serve-image alone: its HTTP side
+    (files from memory) and its database reads per backend."""
     out = []
     for backend, constants in sites.items():
         site = systems.site_file(tmp / f"site_{backend}.py", constants)
@@ -133,13 +133,16 @@ def standard_systems(tmp: Path, docroot: Path, sites: dict[str, dict[str, Any]],
             out.append(systems.serve_image(f"serve-image-{backend}-{workers}w", site, workers,
                                            servers[backend]))
     if "mysql" in sites:
-        variants: dict[str, dict[str, Any]] = {
-            "aiomysql": {"STORAGE_DRIVER": "aiomysql"}, "cache": HOT_CACHE,
+        # variant -> (site constants, `serve` flags) over serve-image-mysql-1w's.
+        granian = ["--server", "granian"]
+        variants: dict[str, tuple[dict[str, Any], list[str]]] = {
+            "aiomysql": ({"STORAGE_DRIVER": "aiomysql"}, []), "cache": (HOT_CACHE, []),
+            "granian": ({}, granian), "cache-granian": (HOT_CACHE, granian),
         }
-        for variant, extra in variants.items():
+        for variant, (extra, flags) in variants.items():
             site = systems.site_file(tmp / f"site_mysql_{variant}.py", {**sites["mysql"], **extra})
             out.append(systems.serve_image(f"serve-image-mysql-1w-{variant}", site, 1,
-                                           servers["mysql"]))
+                                           servers["mysql"], flags=flags))
     out.append(systems.nginx(tmp, docroot))
     out += [systems.naive(b, tmp / f"site_{b}.py", servers[b]) for b in sites]
     out.append(systems.http_only(docroot))

@@ -7,10 +7,11 @@ import os
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import PlainTextResponse, Response
+from starlette.responses import HTMLResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from serve_image.cache import HotCache
+from serve_image.connections import CONNECTIONS, connection_limit
 from serve_image.endpoint import ImageEndpoint, Receive, Scope, Send
 from serve_image.errors import (
     BadRequest,
@@ -24,6 +25,7 @@ from serve_image.localcopy import LocalCopies
 from serve_image.observability import observer_for
 from serve_image.paths import is_image_path
 from serve_image.ranges import RangeNotSatisfiable
+from serve_image.samples import gallery_page
 from serve_image.settings import Settings, load_site
 from serve_image.storage import (
     DatabaseUnavailable,
@@ -64,7 +66,9 @@ def status_of(error: Exception) -> tuple[int, str]:
 class ServeImage:
     """One site: its settings, its storage's pools, and the file endpoint."""
 
-    def __init__(self, settings: Settings, layout: Layout | None = None) -> None:
+    def __init__(
+        self, settings: Settings, layout: Layout | None = None, front_page: bytes | None = None
+    ) -> None:
         self.settings = settings
         self.layout = layout or make_layout(settings, readonly=True, replicas=True)
         # LOCAL_COPY_DIR: files served whole are copied to disk after the response.
@@ -72,6 +76,8 @@ class ServeImage:
         # CACHE_MAX_BYTES: small files answered from memory for up to CACHE_TTL.
         self.cache = HotCache.for_site(settings)
         self.endpoint = ImageEndpoint(settings, self.layout, self.local_copies, self.cache)
+        # Per worker; the server counts connections (serve_image/connections.py).
+        self.max_connections = connection_limit(settings.max_connections)
         # None unless ACCESS_LOG or METRICS_PATH is set: then nothing wraps a request.
         self.observer = observer_for(settings)
         routes = [Route(HEALTH_PATH, self.health, methods=["GET", "HEAD"])]
@@ -80,6 +86,13 @@ class ServeImage:
             if self.cache is not None:
                 self.cache.observer = self.observer.metrics
             routes.append(Route(settings.metrics_path or "", self.observer.metrics.endpoint))
+        if front_page is not None:
+            page = HTMLResponse(front_page, headers={"cache-control": "no-store"})
+
+            async def front(_request: Request) -> Response:
+                return page
+
+            routes.append(Route("/", front, methods=["GET", "HEAD"]))
         # Everything that is not a file goes through Starlette: the health
         # check now, admin routes later. No image path ever reaches it.
         self.other = Starlette(routes=routes)
@@ -118,6 +131,11 @@ class ServeImage:
 
     async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
         """A stored file; anything else goes to the Starlette routes."""
+        if CONNECTIONS.open > self.max_connections:
+            # MAX_CONNECTIONS: a fast answer and the connection closed, so
+            # that its file descriptor is free again at once.
+            await self.send_error(send, 503, "Service Unavailable", [(b"connection", b"close")])
+            return
         if not is_image_path(scope["path"]):
             await self.other(scope, receive, send)
             return
@@ -181,12 +199,22 @@ def create_app(site: str) -> ServeImage:
     return ServeImage(load_site(site))
 
 
+def _site_from_environment() -> str:
+    site = os.environ.get("SERVE_IMAGE_SITE")
+    if not site:
+        raise SystemExit("serve-image: set SERVE_IMAGE_SITE to a site name or file")
+    return site
+
+
 def from_environment() -> ServeImage:
     """Factory for plain uvicorn, the site named by $SERVE_IMAGE_SITE.
 
     `SERVE_IMAGE_SITE=demo uvicorn --factory serve_image.app:from_environment`
     """
-    site = os.environ.get("SERVE_IMAGE_SITE")
-    if not site:
-        raise SystemExit("serve-image: set SERVE_IMAGE_SITE to a site name or file")
-    return create_app(site)
+    return create_app(_site_from_environment())
+
+
+def demo_from_environment() -> ServeImage:
+    """`serve-image demo`'s factory: the site, with a gallery of the demo images at `/`."""
+    settings = load_site(_site_from_environment())
+    return ServeImage(settings, front_page=gallery_page(settings.var_dir or "var/demo"))

@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from serve_image.litefs import replica_message, replica_primary
+from serve_image.servers import ServerImportError
 from serve_image.settings import Settings, SiteConfigError
 from serve_image.storage import (
     DatabaseUnavailable,
@@ -83,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(name)s: %(message)s")
     try:
         return int(args.func(args))
-    except (SiteConfigError, DriverMissing, CommandError) as e:
+    except (SiteConfigError, DriverMissing, ServerImportError, CommandError) as e:
         print(f"serve-image: error: {e}", file=sys.stderr)
         return 2 if isinstance(e, SiteConfigError) else 1
     except DatabaseUnavailable as e:

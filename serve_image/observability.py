@@ -21,13 +21,17 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
 from starlette.responses import Response
 
+from serve_image.connections import CONNECTIONS, connection_limit
 from serve_image.settings import Settings
 from serve_image.storage.drivers.failover import served_by
+
+if TYPE_CHECKING:
+    from prometheus_client import Counter, Gauge
 
 Scope = Any
 Receive = Callable[[], Awaitable[Any]]
@@ -96,6 +100,38 @@ class Metrics:
             )
             # Bound once: a lookup is on the request path.
             self.cache_hits, self.cache_misses = lookups.labels("hit"), lookups.labels("miss")
+        # Summed over the workers: how many connections the node takes.
+        self.connections_limit = Gauge(
+            "serve_image_connections_limit", "MAX_CONNECTIONS: open connections allowed",
+            multiprocess_mode="livesum", registry=r,
+        )
+        self.connections_limit.set(connection_limit(settings.max_connections))
+        # Made when the server first reports a connection: a server that
+        # does not (granian) shows no count rather than a false 0.
+        self._connections_open: Gauge | None = None
+        self._bad_requests: Counter | None = None
+        CONNECTIONS.observers.append(self)
+
+    # -- ConnectionObserver ----------------------------------------------------
+    def _server_reports(self) -> tuple[Gauge, Counter]:
+        from prometheus_client import Counter, Gauge
+
+        if self._connections_open is None or self._bad_requests is None:
+            self._connections_open = Gauge(
+                "serve_image_connections_open", "Open client connections",
+                multiprocess_mode="livesum", registry=self.registry,
+            )
+            self._bad_requests = Counter(
+                "serve_image_bad_requests", "Malformed requests the server answered 400",
+                registry=self.registry,
+            )
+        return self._connections_open, self._bad_requests
+
+    def connections_open(self, count: int) -> None:
+        self._server_reports()[0].set(count)
+
+    def bad_request(self) -> None:
+        self._server_reports()[1].inc()
 
     # -- drivers.base.Observer ----------------------------------------------------
     def query(self, host: str, seconds: float) -> None:
@@ -134,6 +170,7 @@ class Metrics:
         )
 
     def close(self) -> None:
+        CONNECTIONS.observers.remove(self)
         if os.environ.get(MULTIPROC_ENV):
             from prometheus_client import multiprocess
 

@@ -99,6 +99,8 @@ class Settings:
     local_copy_max_bytes: int
     cache_max_bytes: int
     cache_ttl: float
+    header_timeout: float
+    max_connections: int | None
 
     def describe(self) -> str:
         """Where the site's data lives, for logs: never shows the password."""
@@ -139,6 +141,11 @@ def _seconds(v: Any) -> float:
     if isinstance(v, bool) or not isinstance(v, int | float) or not 0 < v <= 600:
         raise ValueError("must be a number of seconds above 0 and at most 600")
     return float(v)
+
+
+def _opt_int_range(lo: int, hi: int) -> Callable[[Any], int | None]:
+    check = _int_range(lo, hi)
+    return lambda v: None if v is None else check(v)
 
 
 def _bool(v: Any) -> bool:
@@ -275,6 +282,12 @@ _CONSTANTS: dict[str, tuple[Callable[[Any], Any], Any]] = {
     # is how stale a cached file may be served after it changed.
     "CACHE_MAX_BYTES": (_int_range(0, 2**40), 0),
     "CACHE_TTL": (_seconds, 5.0),
+    # Facing clients (docs/internet-facing.md): a connection whose request
+    # headers are not complete in HEADER_TIMEOUT seconds is closed; each
+    # worker keeps at most MAX_CONNECTIONS open (None: derived from the
+    # open-file limit, serve_image/connections.py) and answers 503 over it.
+    "HEADER_TIMEOUT": (_seconds, 10.0),
+    "MAX_CONNECTIONS": (_opt_int_range(1, 10_000_000), None),
 }
 KNOWN_CONSTANTS = tuple(_CONSTANTS)
 
@@ -378,6 +391,8 @@ def settings_from_mapping(values: Mapping[str, Any], source: str, name: str = ""
         local_copy_max_bytes=out["LOCAL_COPY_MAX_BYTES"],
         cache_max_bytes=out["CACHE_MAX_BYTES"],
         cache_ttl=out["CACHE_TTL"],
+        header_timeout=out["HEADER_TIMEOUT"],
+        max_connections=out["MAX_CONNECTIONS"],
     )
 
 

@@ -1,17 +1,29 @@
-"""A real uvicorn server in the test's event loop, and a raw-socket client that reads slowly."""
+"""A real server (uvicorn or granian) in the test's event loop, and a raw-socket client
+that reads slowly."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import os
 import socket
+import subprocess
+import sys
+import time
 import urllib.parse
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
 from typing import Any
 
+import httpx
 import uvicorn
 
+from serve_image.servers import SERVERS, ServerOptions
 from tests.helpers import free_port
+
+# Every server of serve_image/servers/, for tests where the server matters.
+SERVER_NAMES = list(SERVERS)
 
 Answer = tuple[int, dict[bytes, bytes], bytes, list[dict[str, Any]]]
 
@@ -48,13 +60,39 @@ async def call(app: Any, raw_path: bytes, method: str = "GET",
 
 
 @asynccontextmanager
-async def uvicorn_server(app: Any, **config: Any) -> AsyncIterator[int]:
-    """Serve `app` (already started) on a loopback port for the block; yields the port."""
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(
-        app, host="127.0.0.1", port=port, lifespan="off", log_level="warning",
-        http="httptools", **config,
-    ))
+async def live_server(
+    app: Any, server: str = "uvicorn", options: ServerOptions | None = None
+) -> AsyncIterator[int]:
+    """Serve `app` (already started) on a loopback port for the block; yields the port.
+
+    The server gets the arguments serve_image/servers/ gives it for `options`,
+    but its logging: the test's own (caplog) stays as it is.
+    """
+    options = dataclasses.replace(options or ServerOptions(), port=free_port(), log_level="warning")
+    runner = uvicorn_server if server == "uvicorn" else granian_server
+    async with runner(app, options):
+        await _until_listening(options.port)
+        yield options.port
+
+
+async def _until_listening(port: int) -> None:
+    for _ in range(500):
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            await asyncio.sleep(0.01)
+            continue
+        writer.close()
+        return
+    raise RuntimeError(f"nothing listening on port {port}")
+
+
+@asynccontextmanager
+async def uvicorn_server(app: Any, options: ServerOptions) -> AsyncIterator[None]:
+    from serve_image.servers import uvicorn as chosen
+
+    config = {**chosen.config(options), "log_config": None}
+    server = uvicorn.Server(uvicorn.Config(app, lifespan="off", **config))
     task = asyncio.create_task(server.serve())
     for _ in range(500):
         if server.started or task.done():
@@ -64,10 +102,64 @@ async def uvicorn_server(app: Any, **config: Any) -> AsyncIterator[int]:
         await task  # raises what made it fail
         raise RuntimeError("uvicorn did not start")
     try:
-        yield port
+        yield
     finally:
         server.should_exit = True
         await asyncio.wait_for(task, 30)
+
+
+@asynccontextmanager
+async def granian_server(app: Any, options: ServerOptions) -> AsyncIterator[None]:
+    """granian's embedded server: the same Rust worker as `serve --server granian`,
+    in this event loop."""
+    from granian.constants import Interfaces
+    from granian.server.embed import Server
+
+    from serve_image.servers import granian as chosen
+
+    arguments = {**chosen.server_arguments(options), "log_dictconfig": None}
+    server = Server(app, interface=Interfaces.ASGINL, **arguments)
+    task = asyncio.create_task(server.serve())
+    try:
+        yield
+    finally:
+        server.stop()
+        await asyncio.wait_for(task, 30)
+
+
+@contextmanager
+def serve_process(
+    site: Path, server: str, log: Path, *, command: str = "serve", extra: Sequence[str] = (),
+    preexec_fn: Callable[[], None] | None = None,
+) -> Iterator[int]:
+    """`serve-image serve` (or `demo`) under `server`, its output in `log`, until its
+    health check answers; yields the port, and stops it however the block ends."""
+    port = free_port()
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "serve_image", command, "--site", str(site),
+             "--port", str(port), "--server", server, *extra],
+            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            preexec_fn=preexec_fn,
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{server} did not start: {log.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/-/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.05)
+        yield port
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 class RawClient:

@@ -24,7 +24,7 @@ from serve_image.app import ServeImage
 from serve_image.settings import Settings, settings_from_mapping
 from serve_image.storage import Layout
 from tests.helpers import IMG, SpyLayout, free_port, payload, running, store
-from tests.live import call, uvicorn_server
+from tests.live import SERVER_NAMES, call, live_server
 
 DATA = payload(5000, seed=7)
 SECRET = b"outside-the-prefix"
@@ -122,11 +122,12 @@ RAW_REQUESTS = [
 ]
 
 
+@pytest.mark.parametrize("server", SERVER_NAMES)
 @pytest.mark.parametrize("request_bytes", RAW_REQUESTS, ids=range(len(RAW_REQUESTS)))
-async def test_raw_hostile_requests_through_uvicorn(
-    app: ServeImage, stored: Layout, request_bytes: bytes
+async def test_raw_hostile_requests_through_the_server(
+    app: ServeImage, stored: Layout, request_bytes: bytes, server: str
 ) -> None:
-    async with uvicorn_server(app) as port:
+    async with live_server(app, server) as port:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(request_bytes)
         await writer.drain()

@@ -20,7 +20,7 @@ from serve_image.app import ServeImage
 from serve_image.settings import Settings, settings_from_mapping
 from serve_image.storage import Layout
 from tests.helpers import IMG, free_port, payload, running, store
-from tests.live import call
+from tests.live import SERVER_NAMES, call
 
 DATA = payload(2500, seed=3)
 A = f"/{IMG}/a.jpg"
@@ -199,13 +199,18 @@ async def test_metrics_show_a_server_put_aside(settings: Settings, writer: Layou
     assert m[("serve_image_db_host_up", (("host", live),))] == 1
 
 
-async def test_metrics_add_up_over_several_workers(tmp_path: Path) -> None:
-    """Two uvicorn worker processes; every scrape, whichever worker answers, shows all."""
+@pytest.mark.parametrize("server", SERVER_NAMES)
+async def test_metrics_and_access_log_over_several_workers(tmp_path: Path, server: str) -> None:
+    """Two worker processes; every scrape, whichever worker answers, shows all,
+    and each worker writes its ACCESS_LOG lines."""
     from serve_image.storage import make_layout
 
     db = tmp_path / "w.sqlite"
     site = tmp_path / "workers.py"
-    site.write_text(f'STORAGE_DB = {str(db)!r}\nMETRICS_PATH = "/-/metrics"\n')
+    site.write_text(
+        f'STORAGE_DB = {str(db)!r}\nMETRICS_PATH = "/-/metrics"\nACCESS_LOG = "json"\n'
+        "MAX_CONNECTIONS = 300\n"
+    )
     b = make_layout(settings_from_mapping({"STORAGE_DB": str(db)}, "<w>"))
     await b.connect()
     await b.create_tables()
@@ -216,8 +221,8 @@ async def test_metrics_add_up_over_several_workers(tmp_path: Path) -> None:
     with (tmp_path / "log").open("wb") as log:
         proc = subprocess.Popen(  # noqa: ASYNC220 - the server for the whole test
             [sys.executable, "-m", "serve_image", "serve", "--site", str(site),
-             "--port", str(port), "--workers", "2"],
-            stdout=log, stderr=subprocess.STDOUT, env=env,
+             "--port", str(port), "--workers", "2", "--server", server],
+            stdout=log, stderr=subprocess.STDOUT, env={**env, "PYTHONUNBUFFERED": "1"},
         )
     try:
         base = f"http://127.0.0.1:{port}"
@@ -237,16 +242,21 @@ async def test_metrics_add_up_over_several_workers(tmp_path: Path) -> None:
             async with httpx.AsyncClient() as c:
                 m = samples((await c.get(f"{base}/-/metrics")).text)
             totals.append(m[("serve_image_requests_total", (("status", "200"),))])
+        # Two workers, each allowed MAX_CONNECTIONS: the node takes twice that.
+        assert m[("serve_image_connections_limit", ())] == 600
     finally:
         proc.terminate()
         await asyncio.to_thread(proc.wait, 20)
     # 20 files and the health checks' 200s, and the scrapes before each one.
     assert totals == [20 + health + i for i in range(4)]
-    # ACCESS_LOG is the access log: uvicorn's own stays off, even at --log-level info.
     log = (tmp_path / "log").read_text()
-    assert "Application startup complete" in log
-    assert f"GET {A}" not in log
-    assert "GET /-/metrics" not in log
+    entries = [json.loads(line.partition("serve_image.access: ")[2])
+               for line in log.splitlines() if "serve_image.access: " in line]
+    assert [e["path"] for e in entries if e["path"] == A] == [A] * 20
+    assert {e["status"] for e in entries} == {200}
+    # ACCESS_LOG is the access log: the server's own stays off, even at --log-level info.
+    assert "database pools closed" in log
+    assert "HTTP/1.1\" 200" not in log
 
 
 @pytest.mark.parametrize(("extra", "message"), [

@@ -35,7 +35,7 @@ from tests.conftest import DatabaseFactory
 from tests.dbservers import MariaDB, MariaDBReplica, PostgreSQL, PostgreSQLReplica
 from tests.filetree import run_cli
 from tests.helpers import IMG, md5, payload, running, store
-from tests.live import RawClient, uvicorn_server
+from tests.live import RawClient, live_server
 
 pytestmark = pytest.mark.slow
 
@@ -529,7 +529,7 @@ async def test_replica_killed_mid_stream_the_response_goes_on_whole(
     app = ServeImage(settings)
     await app.startup()
     try:
-        async with uvicorn_server(app) as port:
+        async with live_server(app) as port:
             with caplog.at_level(logging.DEBUG, "serve_image.replicas"):
                 client = await RawClient.get(port, f"/{big}", rcvbuf=4096)
                 assert (client.status, client.length) == (200, len(big_data))

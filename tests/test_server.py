@@ -1,4 +1,4 @@
-"""A real `serve-image serve` process, fetched over HTTP by httpx and curl."""
+"""A real `serve-image serve` process, under each server, fetched over HTTP by httpx and curl."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from serve_image.conditional import http_date
 from serve_image.settings import load_site
 from serve_image.storage import make_layout
 from tests.helpers import IMG, free_port, payload, store
+from tests.live import SERVER_NAMES
 
 MTIME = 1_700_000_000
 BIG = payload(3 * 1024 * 1024 + 5, seed=9)
@@ -47,22 +48,14 @@ def site_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return site
 
 
-@pytest.fixture(scope="module")
-def server(site_file: Path) -> Iterator[Server]:
+@pytest.fixture(scope="module", params=SERVER_NAMES)
+def server(site_file: Path, request: pytest.FixtureRequest) -> Iterator[Server]:
     port = free_port()
-    log = site_file.parent / "server.log"
+    log = site_file.parent / f"server-{request.param}.log"
     log_file = log.open("wb")
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "serve_image",
-            "serve",
-            "--site",
-            str(site_file),
-            "--port",
-            str(port),
-        ],
+        [sys.executable, "-m", "serve_image", "serve", "--site", str(site_file),
+         "--port", str(port), "--server", request.param],
         stdout=log_file,
         stderr=subprocess.STDOUT,
     )
@@ -124,7 +117,7 @@ def test_curl_if_modified_since_304(server: Server) -> None:
     assert out.stdout == SMALL + b"200"
 
 
-def test_uvicorn_answers_404_and_405(server: Server) -> None:
+def test_server_answers_404_and_405(server: Server) -> None:
     assert httpx.get(f"{server.base}/var/other/storage/images/a.jpg").status_code == 404
     r = httpx.post(f"{server.base}/{IMG}/small.jpg")
     assert (r.status_code, r.headers["allow"]) == (405, "GET, HEAD")

@@ -26,6 +26,7 @@ def test_minimal_sqlite_site_defaults(tmp_path: Path) -> None:
     assert s.cache_control == "public, max-age=6000"
     assert s.cache_control_versioned == "public, max-age=6000, immutable"
     assert s.name == "site"
+    assert (s.header_timeout, s.max_connections) == (10.0, None)  # None: from the file limit
 
 
 def test_mysql_site(tmp_path: Path) -> None:
@@ -110,6 +111,18 @@ def test_site_by_name_from_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
         (
             'STORAGE_DB = "x"\nSTORAGE_CONNECT_TIMEOUT = 0',
             "STORAGE_CONNECT_TIMEOUT must be a number of seconds above 0",
+        ),
+        (
+            'STORAGE_DB = "x"\nHEADER_TIMEOUT = 0',
+            "HEADER_TIMEOUT must be a number of seconds above 0 and at most 600",
+        ),
+        (
+            'STORAGE_DB = "x"\nMAX_CONNECTIONS = 0',
+            "MAX_CONNECTIONS must be a whole number from 1 to 10000000, not 0",
+        ),
+        (
+            'STORAGE_DB = "x"\nMAX_CONNECTIONS = 100.5',
+            "MAX_CONNECTIONS must be a whole number from 1 to 10000000",
         ),
     ],
 )

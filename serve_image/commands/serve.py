@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-from pathlib import Path
 
+from serve_image import servers
 from serve_image.cli import add_site_argument, run_with_storage
 from serve_image.cluster import ClusterFiles
 from serve_image.observability import multiprocess_metrics
 from serve_image.samples import demo_files
+from serve_image.servers import APP_FACTORY, DEMO_FACTORY
 from serve_image.settings import Settings, load_site, resolve_site_path
 from serve_image.storage import make_layout
 
@@ -22,26 +23,24 @@ def cmd_init_db(args: argparse.Namespace) -> int:
     return 0
 
 
-def _serve(site_path: Path, host: str, port: int, workers: int, log_level: str) -> None:
-    import uvicorn
-
-    # Every worker loads the site itself: pass the file, not the object.
-    os.environ["SERVE_IMAGE_SITE"] = str(site_path.resolve())
-    uvicorn.run(
-        "serve_image.app:from_environment", factory=True, host=host, port=port,
-        workers=workers, log_level=log_level, timeout_graceful_shutdown=30,
-        # ACCESS_LOG is the access log. uvicorn's own would format a line for
-        # every request even when its level drops it (a measurable share of a
-        # cached small file's time, bench/README.md).
-        server_header=False, access_log=False,
+def _serve(
+    args: argparse.Namespace, settings: Settings, workers: int, factory: str = APP_FACTORY
+) -> None:
+    server = servers.load(args.server)  # fail here if its package is missing
+    options = servers.options_for(
+        settings, factory=factory, host=args.host, port=args.port, workers=workers,
+        log_level=args.log_level,
     )
+    # Every worker loads the site itself: pass the file, not the object.
+    os.environ["SERVE_IMAGE_SITE"] = str(resolve_site_path(args.site).resolve())
+    with multiprocess_metrics(settings, workers):
+        server.run(options)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     settings = load_site(args.site)  # fail here, with the file and constant, not in a worker
     make_layout(settings)  # and here if its driver is missing
-    with multiprocess_metrics(settings, args.workers):
-        _serve(resolve_site_path(args.site), args.host, args.port, args.workers, args.log_level)
+    _serve(args, settings, args.workers)
     return 0
 
 
@@ -63,8 +62,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"serve-image demo: {len(names)} files in {settings.describe()}; open:")
     for name in names:
         print(f"  http://{shown}:{args.port}/{name}")
-    print("Ctrl-C stops it.", flush=True)
-    _serve(resolve_site_path(args.site), args.host, args.port, 1, args.log_level)
+    print(f"  http://{shown}:{args.port}/ shows them all. Ctrl-C stops it.", flush=True)
+    _serve(args, settings, 1, DEMO_FACTORY)
     return 0
 
 
@@ -73,6 +72,9 @@ def _listen_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=8000, help="port to listen on (8000)")
     p.add_argument("--log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--server", default=servers.DEFAULT_SERVER, choices=list(servers.SERVERS),
+                   help=f"HTTP server to run the app under ({servers.DEFAULT_SERVER}; "
+                        "granian needs the [granian] extra)")
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -80,7 +82,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     add_site_argument(p)
     p.set_defaults(func=cmd_init_db)
 
-    p = sub.add_parser("serve", help="serve a site's files over HTTP (uvicorn)")
+    p = sub.add_parser("serve", help="serve a site's files over HTTP")
     add_site_argument(p)
     _listen_arguments(p)
     p.add_argument("--workers", type=int, default=1, help="worker processes (1)")
