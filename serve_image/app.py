@@ -13,15 +13,18 @@ from starlette.routing import Route
 from serve_image.endpoint import ImageEndpoint, Receive, Scope, Send
 from serve_image.errors import (
     BadRequest,
+    Forbidden,
     MethodNotAllowed,
     NotFound,
     PreconditionFailed,
     RequestRefused,
     URITooLong,
 )
+from serve_image.invalidation import Invalidation
 from serve_image.localcopy import LocalCopies
 from serve_image.observability import observer_for
 from serve_image.paths import is_image_path
+from serve_image.purgeboard import PurgeBoard
 from serve_image.ranges import RangeNotSatisfiable
 from serve_image.settings import Settings, load_site
 from serve_image.storage import (
@@ -40,6 +43,7 @@ HEALTH_PATH = "/-/health"
 # Why a file is not sent -> the status and reason phrase of the answer.
 STATUSES: dict[type[Exception], tuple[int, str]] = {
     BadRequest: (400, "Bad Request"),
+    Forbidden: (403, "Forbidden"),
     NotFound: (404, "Not Found"),
     MethodNotAllowed: (405, "Method Not Allowed"),
     PreconditionFailed: (412, "Precondition Failed"),
@@ -68,7 +72,17 @@ class ServeImage:
         self.layout = layout or make_layout(settings, readonly=True)
         # LOCAL_COPY_DIR: files served whole are copied to disk after the response.
         self.local_copies = LocalCopies.for_site(settings, self.layout)
-        self.endpoint = ImageEndpoint(settings, self.layout, self.local_copies)
+        # PURGE_ALLOW: PURGE drops a file from every worker's hot cache (through
+        # the node's purge board) and from the local copies.
+        self.board = (
+            PurgeBoard.for_site(settings)
+            if settings.purge_allow and settings.cache_max_bytes else None
+        )
+        self.endpoint = ImageEndpoint(settings, self.layout, self.local_copies, self.board)
+        self.invalidation = (
+            Invalidation(settings, self.endpoint.cache, self.local_copies)
+            if settings.purge_allow else None
+        )
         # None unless ACCESS_LOG or METRICS_PATH is set: then nothing wraps a request.
         self.observer = observer_for(settings)
         routes = [Route(HEALTH_PATH, self.health, methods=["GET", "HEAD"])]
@@ -80,7 +94,10 @@ class ServeImage:
         self.other = Starlette(routes=routes)
         unavailable = [(b"retry-after", str(settings.retry_after).encode()),
                        (b"cache-control", b"no-store")]
-        self.error_headers = {503: unavailable, 405: [(b"allow", b"GET, HEAD")]}
+        # RFC 9110 §15.5.6: a 405 lists the methods the resource supports;
+        # PURGE is one only when some address may use it.
+        allow = b"GET, HEAD, PURGE" if self.invalidation is not None else b"GET, HEAD"
+        self.error_headers = {503: unavailable, 405: [(b"allow", allow)]}
 
     async def startup(self) -> None:
         await self.layout.connect()
@@ -98,6 +115,8 @@ class ServeImage:
         if self.local_copies is not None:
             await self.local_copies.close()  # before the pool it reads from
         await self.layout.close()
+        if self.board is not None:
+            self.board.close()
         if self.observer is not None:
             self.observer.close()
         logger.info("%s: database pools closed", self.settings.describe())
@@ -117,7 +136,10 @@ class ServeImage:
             await self.other(scope, receive, send)
             return
         try:
-            await self.endpoint(scope, receive, send)
+            if scope["method"] == "PURGE" and self.invalidation is not None:
+                await self.invalidation(scope, receive, send)
+            else:
+                await self.endpoint(scope, receive, send)
         except (RequestRefused, RangeNotSatisfiable, StatementFailed, DatabaseUnavailable,
                 FileUnavailable) as e:
             if isinstance(e, FileUnavailable):

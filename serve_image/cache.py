@@ -10,6 +10,12 @@ file replaced or deleted in the database may still be served, unchanged, for
 up to CACHE_TTL seconds by each worker that cached it; after that it is read
 again. The cache is per worker process and per site, bounded in bytes, and
 drops the least recently used entries first.
+
+With PURGE_ALLOW set, a PURGE for a file (serve_image/invalidation.py)
+drops it at once from every worker's cache, through the node's purge board
+(serve_image/purgeboard.py): an entry keeps the board's stamp for its file
+from before its row was read, and is not used once the stamp has moved. A
+read that was under way when the purge came is therefore not kept either.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import NamedTuple
 
+from serve_image.purgeboard import PurgeBoard
 from serve_image.storage import FileMeta
 
 # What an entry costs beyond its bytes (the key, the row, the dict slot):
@@ -30,16 +37,19 @@ class Entry(NamedTuple):
     meta: FileMeta
     body: bytes | None  # None: the row only
     expires: float  # time.monotonic() after which the entry is not used
+    stamp: int  # the purge board's stamp for the file before it was read
 
 
 class HotCache:
     """Least recently used small files, at most `max_bytes`, each for at most `ttl` seconds."""
 
     def __init__(
-        self, max_bytes: int, ttl: float, clock: Callable[[], float] = time.monotonic
+        self, max_bytes: int, ttl: float, clock: Callable[[], float] = time.monotonic,
+        board: PurgeBoard | None = None,
     ) -> None:
         self.max_bytes = max_bytes
         self.ttl = ttl
+        self.board = board
         # Files above this size are not cached: one would push out many small ones.
         self.max_file_bytes = max(0, max_bytes // 16 - ENTRY_OVERHEAD)
         self.clock = clock
@@ -54,27 +64,40 @@ class HotCache:
         entry = self._entries.get(name_hash)
         if entry is None:
             return None
-        if self.clock() >= entry.expires:
+        if self.clock() >= entry.expires or (
+            self.board is not None and self.board.stamp(name_hash) != entry.stamp
+        ):
             self._drop(name_hash)
             return None
         self._entries.move_to_end(name_hash)
         return entry
 
-    def put(self, meta: FileMeta, body: bytes) -> None:
+    def stamp(self, name_hash: str) -> int:
+        """Taken before a file's row is read, and given to `put` with what was read."""
+        return 0 if self.board is None else self.board.stamp(name_hash)
+
+    def put(self, meta: FileMeta, body: bytes, stamp: int = 0) -> None:
         """Keep a live file's row and its whole body; too big a file is not kept."""
         if len(body) == meta.size and len(body) <= self.max_file_bytes:
-            self._keep(meta, body)
+            self._keep(meta, body, stamp)
 
-    def put_meta(self, meta: FileMeta) -> None:
+    def put_meta(self, meta: FileMeta, stamp: int = 0) -> None:
         """Keep a live file's row alone (enough for a 304 or a HEAD)."""
-        self._keep(meta, None)
+        self._keep(meta, None, stamp)
 
-    def _keep(self, meta: FileMeta, body: bytes | None) -> None:
-        if not meta.live:
-            return
+    def purge(self, name_hash: str) -> None:
+        """Drop a file here and, through the board, in every worker of the node."""
+        if self.board is not None:
+            self.board.bump(name_hash)
+        if name_hash in self._entries:
+            self._drop(name_hash)
+
+    def _keep(self, meta: FileMeta, body: bytes | None, stamp: int) -> None:
+        if not meta.live or stamp != self.stamp(meta.name_hash):
+            return  # purged while it was read: what was read may be the old version
         if meta.name_hash in self._entries:
             self._drop(meta.name_hash)
-        self._entries[meta.name_hash] = Entry(meta, body, self.clock() + self.ttl)
+        self._entries[meta.name_hash] = Entry(meta, body, self.clock() + self.ttl, stamp)
         self.bytes += _cost(body)
         while self.bytes > self.max_bytes:
             self._drop(next(iter(self._entries)))

@@ -21,6 +21,7 @@ from serve_image.errors import MethodNotAllowed, NotFound, PreconditionFailed
 from serve_image.headers import Clock, content_disposition, content_type, is_download, type_headers
 from serve_image.localcopy import LocalCopies
 from serve_image.paths import FileName, request_name
+from serve_image.purgeboard import PurgeBoard
 from serve_image.settings import Settings
 from serve_image.storage import FileMeta, Layout, StreamAborted, name_hash
 
@@ -49,7 +50,8 @@ class ImageEndpoint:
     """GET and HEAD of `/var/<dir>/storage/images[-versioned]/...` from the database."""
 
     def __init__(
-        self, settings: Settings, layout: Layout, local_copies: LocalCopies | None = None
+        self, settings: Settings, layout: Layout, local_copies: LocalCopies | None = None,
+        board: PurgeBoard | None = None,
     ) -> None:
         self.settings = settings
         self.layout = layout
@@ -65,9 +67,16 @@ class ImageEndpoint:
         # LOCAL_COPY_DIR: files served whole are copied to disk after the response.
         self.local_copies = local_copies
         # CACHE_MAX_BYTES: small files answered from memory for up to CACHE_TTL.
+        # A PURGE (PURGE_ALLOW) drops a file from it in every worker, through `board`.
         self.cache = (
-            HotCache(settings.cache_max_bytes, settings.cache_ttl)
+            HotCache(settings.cache_max_bytes, settings.cache_ttl, board=board)
             if settings.cache_max_bytes else None
+        )
+        # SURROGATE_KEY_HEADER: each file's cache key (its name hash) for a
+        # proxy that purges by key (Varnish's xkey vmod, a CDN's surrogate keys).
+        self.key_header = (
+            settings.surrogate_key_header.encode("latin-1")
+            if settings.surrogate_key_header else None
         )
         # Concurrent reads of rows share queries while the database is busy.
         self.reads = BatchedReads(layout)
@@ -100,6 +109,8 @@ class ImageEndpoint:
             headers.append((b"last-modified", conditional.http_date(meta.mtime).encode("latin-1")))
         if self.download_non_images and is_download(meta.datatype):
             headers.append((b"content-disposition", content_disposition(name)))
+        if self.key_header is not None:
+            headers.append((self.key_header, meta.name_hash.encode("latin-1")))
         return etag, tuple(headers)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -128,17 +139,20 @@ class ImageEndpoint:
         hot = self.cache.get(name_hash) if self.cache is not None else None
         if hot is not None and (hot.body is not None or not whole_get):
             meta, first = hot.meta, hot.body
-        elif whole_get:
-            got = await self.reads.first(name_hash)
-            meta = got[0] if got else None
-            first = got[1] if got else None
-            if self.cache is not None and meta is not None and first is not None:
-                self.cache.put(meta, first)
         else:
-            # 304, 412, 416 and HEAD are decided from the row alone.
-            meta = await self.reads.meta(name_hash)
-            if self.cache is not None and meta is not None:
-                self.cache.put_meta(meta)
+            # Taken before the read: a purge that comes during it keeps it out of the cache.
+            stamp = self.cache.stamp(name_hash) if self.cache is not None else 0
+            if whole_get:
+                got = await self.reads.first(name_hash)
+                meta = got[0] if got else None
+                first = got[1] if got else None
+                if self.cache is not None and meta is not None and first is not None:
+                    self.cache.put(meta, first, stamp)
+            else:
+                # 304, 412, 416 and HEAD are decided from the row alone.
+                meta = await self.reads.meta(name_hash)
+                if self.cache is not None and meta is not None:
+                    self.cache.put_meta(meta, stamp)
         if meta is None or not meta.live:
             raise NotFound()
 

@@ -34,6 +34,9 @@ def _serve(site_path: Path, host: str, port: int, workers: int, log_level: str) 
         # every request even when its level drops it (a measurable share of a
         # cached small file's time, bench/README.md).
         server_header=False, access_log=False,
+        # The client address stays the connection's peer: PURGE_ALLOW is
+        # checked against it, and X-Forwarded-For is any client's to send.
+        proxy_headers=False,
     )
 
 
