@@ -157,6 +157,14 @@ def _seconds(v: Any) -> float:
     return float(v)
 
 
+def _cache_ttl(v: Any) -> float:
+    # Up to a day: with PURGE_ALLOW, a purge drops a file at once, and a long
+    # TTL then only bounds what a write that sends no purge leaves stale.
+    if isinstance(v, bool) or not isinstance(v, int | float) or not 0 < v <= 86400:
+        raise ValueError("must be a number of seconds above 0 and at most 86400")
+    return float(v)
+
+
 def _bool(v: Any) -> bool:
     if not isinstance(v, bool):
         raise ValueError("must be True or False")
@@ -345,7 +353,7 @@ _CONSTANTS: dict[str, tuple[Callable[[Any], Any], Any]] = {
     # The hot-object cache (serve_image/cache.py): 0 bytes = off. CACHE_TTL
     # is how stale a cached file may be served after it changed.
     "CACHE_MAX_BYTES": (_int_range(0, 2**40), 0),
-    "CACHE_TTL": (_seconds, 5.0),
+    "CACHE_TTL": (_cache_ttl, 5.0),
     # Invalidation: where writes send PURGE, who may send one here, how long
     # a purge may take, and the header carrying each file's cache key.
     "PURGE_URLS": (_purge_urls, ()),
