@@ -33,26 +33,40 @@ MTIME = 1_700_000_000
 NAME = f"{IMG}/a.jpg"
 
 
-@asynccontextmanager
-async def varnish(vcl: Path, backend_port: int, work: Path) -> AsyncIterator[str]:
-    """varnishd in the foreground with `vcl`, its backend the node; yields its URL."""
+def start_varnishd(vcl: Path, backend_port: int, work: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """varnishd in the foreground with `vcl`, its backend the node; and its URL."""
     varnishd = program("varnishd")
     text = vcl.read_text()
     assert '.port = "8000";' in text
     work.mkdir()
     (work / "test.vcl").write_text(text.replace('.port = "8000";', f'.port = "{backend_port}";'))
     port = free_port()
-    log = (work / "varnishd.log").open("wb")
-    proc = subprocess.Popen(
-        [varnishd, "-F", "-j", "none", "-n", str(work / "state"), "-a", f"127.0.0.1:{port}",
-         "-f", str(work / "test.vcl"), "-s", "malloc,32m"],
-        stdout=log, stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
+    with (work / "varnishd.log").open("wb") as log:
+        proc = subprocess.Popen(
+            [varnishd, "-F", "-j", "none", "-n", str(work / "state"),
+             "-a", f"127.0.0.1:{port}", "-f", str(work / "test.vcl"), "-s", "malloc,32m"],
+            stdout=log, stderr=subprocess.STDOUT,
+        )
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@asynccontextmanager
+async def varnish(vcl: Path, backend_port: int, work: Path) -> AsyncIterator[str]:
+    """Varnish in front of the node for the block; yields its URL."""
+    proc, url = start_varnishd(vcl, backend_port, work)
     try:
         async with httpx.AsyncClient() as http:
             for _ in range(300):  # compiling the VCL takes a moment
-                assert proc.poll() is None, (work / "varnishd.log").read_text()
+                assert proc.poll() is None, "varnishd exited: see varnishd.log"
                 try:
                     await http.get(f"{url}/-/health", timeout=1)
                     break
@@ -62,13 +76,7 @@ async def varnish(vcl: Path, backend_port: int, work: Path) -> AsyncIterator[str
                 raise AssertionError("varnishd did not answer in 30 s")
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+        stop(proc)
 
 
 @dataclass
