@@ -15,12 +15,14 @@ from serve_image.connections import CONNECTIONS, connection_limit
 from serve_image.endpoint import ImageEndpoint, Receive, Scope, Send
 from serve_image.errors import (
     BadRequest,
+    Forbidden,
     MethodNotAllowed,
     NotFound,
     PreconditionFailed,
     RequestRefused,
     URITooLong,
 )
+from serve_image.invalidation import Invalidation
 from serve_image.localcopy import LocalCopies
 from serve_image.observability import observer_for
 from serve_image.paths import is_image_path
@@ -43,6 +45,7 @@ HEALTH_PATH = "/-/health"
 # Why a file is not sent -> the status and reason phrase of the answer.
 STATUSES: dict[type[Exception], tuple[int, str]] = {
     BadRequest: (400, "Bad Request"),
+    Forbidden: (403, "Forbidden"),
     NotFound: (404, "Not Found"),
     MethodNotAllowed: (405, "Method Not Allowed"),
     PreconditionFailed: (412, "Precondition Failed"),
@@ -76,6 +79,12 @@ class ServeImage:
         # CACHE_MAX_BYTES: small files answered from memory for up to CACHE_TTL.
         self.cache = HotCache.for_site(settings)
         self.endpoint = ImageEndpoint(settings, self.layout, self.local_copies, self.cache)
+        # PURGE_ALLOW: PURGE drops a file from every worker's hot cache (through
+        # the node's purge board) and from the local copies.
+        self.invalidation = (
+            Invalidation(settings, self.cache, self.local_copies)
+            if settings.purge_allow else None
+        )
         # Per worker; the server counts connections (serve_image/connections.py).
         self.max_connections = connection_limit(settings.max_connections)
         # None unless ACCESS_LOG or METRICS_PATH is set: then nothing wraps a request.
@@ -98,7 +107,10 @@ class ServeImage:
         self.other = Starlette(routes=routes)
         unavailable = [(b"retry-after", str(settings.retry_after).encode()),
                        (b"cache-control", b"no-store")]
-        self.error_headers = {503: unavailable, 405: [(b"allow", b"GET, HEAD")]}
+        # RFC 9110 §15.5.6: a 405 lists the methods the resource supports;
+        # PURGE is one only when some address may use it.
+        allow = b"GET, HEAD, PURGE" if self.invalidation is not None else b"GET, HEAD"
+        self.error_headers = {503: unavailable, 405: [(b"allow", allow)]}
 
     async def startup(self) -> None:
         await self.layout.connect()
@@ -116,6 +128,8 @@ class ServeImage:
         if self.local_copies is not None:
             await self.local_copies.close()  # before the pool it reads from
         await self.layout.close()
+        if self.cache is not None:
+            self.cache.close()
         if self.observer is not None:
             self.observer.close()
         logger.info("%s: database pools closed", self.settings.describe())
@@ -140,7 +154,10 @@ class ServeImage:
             await self.other(scope, receive, send)
             return
         try:
-            await self.endpoint(scope, receive, send)
+            if scope["method"] == "PURGE" and self.invalidation is not None:
+                await self.invalidation(scope, receive, send)
+            else:
+                await self.endpoint(scope, receive, send)
         except (RequestRefused, RangeNotSatisfiable, StatementFailed, DatabaseUnavailable,
                 FileUnavailable) as e:
             if isinstance(e, FileUnavailable):

@@ -11,6 +11,12 @@ up to CACHE_TTL seconds by each worker that cached it; after that it is read
 again. The cache is per worker process and per site, bounded in bytes, and
 drops the least recently used entries first.
 
+With PURGE_ALLOW set, a PURGE for a file (serve_image/invalidation.py)
+drops it at once from every worker's cache, through the node's purge board
+(serve_image/purgeboard.py): an entry keeps the board's stamp for its file
+from before its row was read, and is not used once the stamp has moved. A
+read that was under way when the purge came is therefore not kept either.
+
 With METRICS_PATH on, every lookup is counted as a hit or a miss
 (observability.py); off, a lookup costs one attribute test more.
 """
@@ -22,6 +28,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import NamedTuple, Protocol
 
+from serve_image.purgeboard import PurgeBoard
 from serve_image.settings import Settings
 from serve_image.storage import FileMeta
 
@@ -34,6 +41,7 @@ class Entry(NamedTuple):
     meta: FileMeta
     body: bytes | None  # None: the row only
     expires: float  # time.monotonic() after which the entry is not used
+    stamp: int  # the purge board's stamp for the file before it was read
 
 
 class CacheObserver(Protocol):
@@ -46,10 +54,12 @@ class HotCache:
     """Least recently used small files, at most `max_bytes`, each for at most `ttl` seconds."""
 
     def __init__(
-        self, max_bytes: int, ttl: float, clock: Callable[[], float] = time.monotonic
+        self, max_bytes: int, ttl: float, clock: Callable[[], float] = time.monotonic,
+        board: PurgeBoard | None = None,
     ) -> None:
         self.max_bytes = max_bytes
         self.ttl = ttl
+        self.board = board
         # Files above this size are not cached: one would push out many small ones.
         self.max_file_bytes = max(0, max_bytes // 16 - ENTRY_OVERHEAD)
         self.clock = clock
@@ -59,13 +69,22 @@ class HotCache:
 
     @classmethod
     def for_site(cls, settings: Settings) -> HotCache | None:
-        """The site's cache, or None when CACHE_MAX_BYTES is 0."""
+        """The site's cache, or None when CACHE_MAX_BYTES is 0.
+
+        With PURGE_ALLOW set, a PURGE reaches every worker's cache through the
+        node's purge board.
+        """
         if not settings.cache_max_bytes:
             return None
-        return cls(settings.cache_max_bytes, settings.cache_ttl)
+        board = PurgeBoard.for_site(settings) if settings.purge_allow else None
+        return cls(settings.cache_max_bytes, settings.cache_ttl, board=board)
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    def close(self) -> None:
+        if self.board is not None:
+            self.board.close()
 
     def get(self, name_hash: str, need_body: bool = False) -> Entry | None:
         """The fresh entry for a file, or None (an expired one is dropped).
@@ -74,7 +93,9 @@ class HotCache:
         a row kept alone is then a miss.
         """
         entry = self._entries.get(name_hash)
-        if entry is not None and self.clock() >= entry.expires:
+        if entry is not None and (self.clock() >= entry.expires or (
+            self.board is not None and self.board.stamp(name_hash) != entry.stamp
+        )):
             self._drop(name_hash)
             entry = None
         if entry is not None and need_body and entry.body is None:
@@ -85,21 +106,32 @@ class HotCache:
             self._entries.move_to_end(name_hash)
         return entry
 
-    def put(self, meta: FileMeta, body: bytes) -> None:
+    def stamp(self, name_hash: str) -> int:
+        """Taken before a file's row is read, and given to `put` with what was read."""
+        return 0 if self.board is None else self.board.stamp(name_hash)
+
+    def put(self, meta: FileMeta, body: bytes, stamp: int = 0) -> None:
         """Keep a live file's row and its whole body; too big a file is not kept."""
         if len(body) == meta.size and len(body) <= self.max_file_bytes:
-            self._keep(meta, body)
+            self._keep(meta, body, stamp)
 
-    def put_meta(self, meta: FileMeta) -> None:
+    def put_meta(self, meta: FileMeta, stamp: int = 0) -> None:
         """Keep a live file's row alone (enough for a 304 or a HEAD)."""
-        self._keep(meta, None)
+        self._keep(meta, None, stamp)
 
-    def _keep(self, meta: FileMeta, body: bytes | None) -> None:
-        if not meta.live:
-            return
+    def purge(self, name_hash: str) -> None:
+        """Drop a file here and, through the board, in every worker of the node."""
+        if self.board is not None:
+            self.board.bump(name_hash)
+        if name_hash in self._entries:
+            self._drop(name_hash)
+
+    def _keep(self, meta: FileMeta, body: bytes | None, stamp: int) -> None:
+        if not meta.live or stamp != self.stamp(meta.name_hash):
+            return  # purged while it was read: what was read may be the old version
         if meta.name_hash in self._entries:
             self._drop(meta.name_hash)
-        self._entries[meta.name_hash] = Entry(meta, body, self.clock() + self.ttl)
+        self._entries[meta.name_hash] = Entry(meta, body, self.clock() + self.ttl, stamp)
         self.bytes += _cost(body)
         while self.bytes > self.max_bytes:
             self._drop(next(iter(self._entries)))

@@ -30,6 +30,7 @@ COMMAND_MODULES = [
     "serve_image.commands.serve",
     "serve_image.commands.files",
     "serve_image.commands.local",
+    "serve_image.commands.invalidate",
     "serve_image.commands.apache",
     "serve_image.commands.ez",
 ]

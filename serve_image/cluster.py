@@ -11,6 +11,12 @@ For applications that write into the cluster and for the command line
 Every write is one transaction: a reader sees the old file or the new one,
 never half of one. Every method raises DatabaseUnavailable when the database
 cannot answer.
+
+With PURGE_URLS set, every name a write changed (stored, deleted, purged)
+is sent to the caches as `PURGE /<name>` once the write has committed, in
+the background (serve_image/purge.py): a cache that fails never slows,
+fails or undoes a write. `close()` (or leaving `open()` or `async with`)
+waits for the purges still on their way and returns their report.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from serve_image.filetypes import HEAD_BYTES, guess_datatype, scope_for
+from serve_image.purge import PurgeQueue, PurgeReport
 from serve_image.settings import Settings
 from serve_image.storage import (
     BrokenFile,
@@ -121,19 +128,41 @@ class ClusterFiles:
     def __init__(self, layout: Layout) -> None:
         self.layout = layout
         self.chunk_size = layout.settings.chunk_size
+        # PURGE_URLS: the caches told about every name a write changes.
+        self.purges = PurgeQueue.for_site(layout.settings)
 
     @classmethod
     @asynccontextmanager
     async def open(
         cls, settings: Settings, *, readonly: bool = False
     ) -> AsyncIterator[ClusterFiles]:
-        """Connect to the site's storage, close it afterwards."""
+        """Connect to the site's storage, close it (and finish the purges) afterwards."""
         layout = make_layout(settings, readonly=readonly)
         await layout.connect()
         try:
-            yield cls(layout)
+            async with cls(layout) as cluster:
+                yield cluster
         finally:
             await layout.close()
+
+    async def __aenter__(self) -> ClusterFiles:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> PurgeReport | None:
+        """Wait for the purges under way (each bounded by PURGE_TIMEOUT); their report.
+
+        None when the site has no PURGE_URLS. The storage is the caller's to close.
+        """
+        if self.purges is None:
+            return None
+        return await self.purges.close()
+
+    def _changed(self, names: list[str]) -> None:
+        if self.purges is not None and names:
+            self.purges.add(names)
 
     # -- writing ----------------------------------------------------------
     async def store_file(
@@ -159,6 +188,7 @@ class ClusterFiles:
             await self.layout.store(
                 name, reader, size=st.st_size, mtime=mtime, datatype=datatype, scope=scope,
             )
+            self._changed([name])
             after = os.fstat(f.fileno())
         if (after.st_size, stored_mtime(after)) != (st.st_size, mtime):
             # Written to while read: what was stored may mix two versions.
@@ -179,20 +209,30 @@ class ClusterFiles:
             name, (data[i:i + step] for i in range(0, len(data), step)), size=len(data),
             mtime=mtime, datatype=datatype, scope=scope,
         )
+        self._changed([name])
         return Stored(name, len(data), mtime, datatype, scope, hashlib.sha256(data).hexdigest())
 
     async def delete(self, name: str) -> bool:
         """eZ's soft delete; False when there was no live file of that name."""
-        return await self.layout.delete(name)
+        deleted = await self.layout.delete(name)
+        if deleted:
+            self._changed([name])
+        return deleted
 
     async def delete_by_wildcard(self, pattern: str) -> list[str]:
         """Soft-delete live files matching `pattern`: `*` any run (`/` too), `?` one character."""
-        return await self.layout.delete_matching(pattern)
+        names = await self.layout.delete_matching(pattern)
+        self._changed(names)
+        return names
 
     async def purge(self, older_than_days: float, *, dry_run: bool = False) -> tuple[int, int]:
-        """Remove soft-deleted files older than that for good: (files, bytes)."""
+        """Remove soft-deleted files older than that for good: (files, bytes).
+
+        Their caches are purged too: files deleted by eZ itself were never
+        purged when they were deleted.
+        """
         cutoff = int(time.time() - older_than_days * 86400)
-        return await self.layout.purge(cutoff, dry_run=dry_run)
+        return await self.layout.purge(cutoff, dry_run=dry_run, removed=self._changed)
 
     # -- reading ----------------------------------------------------------
     async def stat(self, name: str) -> StoredFile | None:

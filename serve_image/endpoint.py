@@ -67,6 +67,12 @@ class ImageEndpoint:
         self.local_copies = local_copies
         # CACHE_MAX_BYTES: small files answered from memory for up to CACHE_TTL.
         self.cache = cache
+        # SURROGATE_KEY_HEADER: each file's cache key (its name hash) for a
+        # proxy that purges by key (Varnish's xkey vmod, a CDN's surrogate keys).
+        self.key_header = (
+            settings.surrogate_key_header.encode("latin-1")
+            if settings.surrogate_key_header else None
+        )
         # Concurrent reads of rows share queries while the database is busy.
         self.reads = BatchedReads(layout)
 
@@ -98,6 +104,8 @@ class ImageEndpoint:
             headers.append((b"last-modified", conditional.http_date(meta.mtime).encode("latin-1")))
         if self.download_non_images and is_download(meta.datatype):
             headers.append((b"content-disposition", content_disposition(name)))
+        if self.key_header is not None:
+            headers.append((self.key_header, meta.name_hash.encode("latin-1")))
         return etag, tuple(headers)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -126,17 +134,20 @@ class ImageEndpoint:
         hot = self.cache.get(name_hash, need_body=whole_get) if self.cache is not None else None
         if hot is not None:
             meta, first = hot.meta, hot.body
-        elif whole_get:
-            got = await self.reads.first(name_hash)
-            meta = got[0] if got else None
-            first = got[1] if got else None
-            if self.cache is not None and meta is not None and first is not None:
-                self.cache.put(meta, first)
         else:
-            # 304, 412, 416 and HEAD are decided from the row alone.
-            meta = await self.reads.meta(name_hash)
-            if self.cache is not None and meta is not None:
-                self.cache.put_meta(meta)
+            # Taken before the read: a purge that comes during it keeps it out of the cache.
+            stamp = self.cache.stamp(name_hash) if self.cache is not None else 0
+            if whole_get:
+                got = await self.reads.first(name_hash)
+                meta = got[0] if got else None
+                first = got[1] if got else None
+                if self.cache is not None and meta is not None and first is not None:
+                    self.cache.put(meta, first, stamp)
+            else:
+                # 304, 412, 416 and HEAD are decided from the row alone.
+                meta = await self.reads.meta(name_hash)
+                if self.cache is not None and meta is not None:
+                    self.cache.put_meta(meta, stamp)
         if meta is None or not meta.live:
             raise NotFound()
 

@@ -16,7 +16,7 @@ class NotFound(RequestRefused):
 
 
 class MethodNotAllowed(RequestRefused):
-    """Anything but GET and HEAD."""
+    """Anything but GET and HEAD (and PURGE when PURGE_ALLOW is set)."""
 
 
 class URITooLong(RequestRefused):
@@ -25,3 +25,7 @@ class URITooLong(RequestRefused):
 
 class PreconditionFailed(RequestRefused):
     """If-Match or If-Unmodified-Since does not hold (RFC 9110 §13.1.1, §13.1.4)."""
+
+
+class Forbidden(RequestRefused):
+    """A PURGE from an address outside PURGE_ALLOW."""

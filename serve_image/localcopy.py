@@ -14,6 +14,13 @@ would mean holding a whole large file in memory, or writing to disk inside
 the response loop; and a re-read goes through `Layout.read`, which stops
 once the row no longer has the served mtime and size, so a copy is never a
 mix of two versions.
+
+Once a copy is in place its row is read again, and the copy removed if the
+row moved on meanwhile: a copy of a version that was replaced or deleted
+while it was written (and perhaps purged before it appeared) is never left
+behind. A PURGE removes the copy (`drop`). A copy that does not fit in
+LOCAL_COPY_MAX_BYTES makes room by evicting the least recently served
+copies (`localfs.make_room`).
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ from contextlib import aclosing
 from serve_image import localfs
 from serve_image.localfs import CopyRefused
 from serve_image.settings import Settings
-from serve_image.storage import FileMeta, Layout, StorageError, StreamAborted
+from serve_image.storage import FileMeta, Layout, StorageError, StreamAborted, name_hash
 
 logger = logging.getLogger("serve_image.localcopy")
 
@@ -139,12 +146,27 @@ class LocalCopies:
                 self._pending.discard(job.name)
                 self._queue.task_done()
 
+    async def drop(self, name: str) -> bool:
+        """Remove the copy of `name`, whatever its version (a PURGE); True if there was one."""
+        self._known.pop(name, None)
+        removed = await asyncio.to_thread(localfs.remove, self.root, name)
+        if removed:
+            await asyncio.to_thread(localfs.release, self.root, removed)
+        return removed > 0
+
     async def _copy(self, job: _Job) -> None:
         meta = job.meta
-        if await asyncio.to_thread(localfs.up_to_date, self.root, job.name, meta):
+        # Served again: an up-to-date copy is marked as served now (eviction order).
+        if await asyncio.to_thread(localfs.up_to_date, self.root, job.name, meta, touch=True):
             return
-        if not await asyncio.to_thread(localfs.reserve, self.root, meta.size, self.limit):
-            logger.info("local copy of %s skipped: LOCAL_COPY_MAX_BYTES (%d) reached",
+        room, evicted = await asyncio.to_thread(
+            localfs.make_room, self.root, meta.size, self.limit
+        )
+        if evicted:
+            logger.info("local copies: evicted %d least recently served to make room "
+                        "(LOCAL_COPY_MAX_BYTES %d)", len(evicted), self.limit)
+        if not room:
+            logger.info("local copy of %s skipped: no room in LOCAL_COPY_MAX_BYTES (%d)",
                         job.name, self.limit)
             return
         reserved = meta.size
@@ -164,6 +186,27 @@ class LocalCopies:
         finally:
             if reserved:
                 await asyncio.to_thread(localfs.release, self.root, reserved)
+        await self._check_written(job.name, meta)
+
+    async def _check_written(self, name: str, meta: FileMeta) -> None:
+        """Remove a copy whose row moved on while it was written.
+
+        The write and its PURGE may both have come between the read and the
+        rename: read after the rename, the row shows the write, so a stale
+        copy is removed here or by the PURGE, whichever comes last.
+        """
+        try:
+            now = await self.layout.meta(name_hash(name))
+        except StorageError as e:
+            # The copy is of the version served; prune-local checks it later.
+            logger.info("local copy of %s kept unchecked: %s", name, e)
+            return
+        if now is not None and now.live and (now.mtime, now.size) == (meta.mtime, meta.size):
+            return
+        found = localfs.LocalFile(name, meta.size, meta.mtime, False)
+        if await asyncio.to_thread(localfs.remove_if_unchanged, self.root, found):
+            await asyncio.to_thread(localfs.release, self.root, meta.size)
+            logger.info("local copy of %s removed: the file changed while it was copied", name)
 
     async def _reread(self, temp: localfs.TempCopy, meta: FileMeta) -> None:
         # The endpoint's checked read: exactly this version of the file.

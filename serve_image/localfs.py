@@ -17,6 +17,17 @@ is written, whichever site wrote it. It lives in a ledger file,
 process of every site sharing the directory reserves from one total. A scan
 sets it (each process before its first copy, and prune-local); in between,
 writes add to it and replacements subtract.
+
+When a copy does not fit, the least recently served copies are evicted
+first (`make_room`), one process at a time (an flock(2) on
+`LOCAL_COPY_DIR/.serve-image-evict`), down to EVICT_TO of the budget so
+that the next copies fit without another scan. "Served" is read from the
+files' access time: a copy starts with the time it was written (it was just
+served), the endpoint sets it again when it serves a file whose copy is up
+to date (`touch`, at most once a minute per file and worker), and the web
+server's reads of the copy set it as the mount's atime policy allows
+(Linux's default `relatime`: once a day; `strictatime`: every read;
+`noatime`: never, so copies go oldest written first).
 """
 
 from __future__ import annotations
@@ -40,6 +51,11 @@ from serve_image.storage.files import FileMeta, same_version, stored_mtime
 # Temporary files older than this were left by a crash; prune-local removes them.
 STALE_TEMP_SECONDS = 3600
 LEDGER = ".serve-image-usage"
+EVICT_LOCK = ".serve-image-evict"
+# An eviction frees room down to this share of LOCAL_COPY_MAX_BYTES.
+EVICT_TO = 0.9
+# Scans one eviction may take when other processes keep taking the room made.
+EVICT_ROUNDS = 3
 TEMP_SUFFIX = ".serve-image-tmp"
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -56,6 +72,7 @@ class LocalFile:
     size: int
     mtime: int
     temporary: bool
+    atime: float = 0.0  # when it was last served, as far as the disk knows
 
 
 def _segments(name: str) -> list[str]:
@@ -161,7 +178,7 @@ def scan(root: str, var_dir: str | None = None) -> Iterator[LocalFile]:
                 request_name(quote("/" + name).encode(), var_dir)
             except RequestRefused:
                 continue
-            yield LocalFile(name, st.st_size, stored_mtime(st), temporary)
+            yield LocalFile(name, st.st_size, stored_mtime(st), temporary, st.st_atime)
 
 
 class TempCopy:
@@ -210,7 +227,9 @@ class TempCopy:
             os.close(read_fd)
         if back.digest() != self.digest.digest():
             raise CopyRefused(f"{self.name}: bytes read back differ from the bytes written")
-        os.utime(self.fd, (meta.mtime, meta.mtime))
+        # The row's mtime; the access time is now: the file was just served,
+        # and eviction goes by it.
+        os.utime(self.fd, (time.time(), meta.mtime))
         os.close(self.fd)
         self.fd = -1
         old = self.current()
@@ -232,20 +251,109 @@ class TempCopy:
             self.dir_fd = -1
 
 
-def up_to_date(root: str, name: str, meta: FileMeta) -> bool:
-    """Is `name` under root already a copy of this version (size and mtime)?"""
+def up_to_date(root: str, name: str, meta: FileMeta, *, touch: bool = False) -> bool:
+    """Is `name` under root already a copy of this version (size and mtime)?
+
+    With `touch`, a copy that is up to date is marked served now (its access
+    time), for eviction.
+    """
     root_fd = _open_root(root)
     try:
         try:
             dir_fd, base = _open_parent(root_fd, name, create=False)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             return False
         try:
-            return _is_copy_of(_regular(dir_fd, base), meta)
+            if not _is_copy_of(_regular(dir_fd, base), meta):
+                return False
+            if touch:
+                os.utime(base, (time.time(), meta.mtime), dir_fd=dir_fd, follow_symlinks=False)
+            return True
         finally:
             os.close(dir_fd)
     finally:
         os.close(root_fd)
+
+
+def remove(root: str, name: str) -> int:
+    """Remove the copy at `name`, whatever its version (a PURGE); the bytes it held (0: none).
+
+    The ledger is not changed: the caller releases the bytes.
+    """
+    root_fd = _open_root(root)
+    try:
+        try:
+            dir_fd, base = _open_parent(root_fd, name, create=False)
+        except (FileNotFoundError, NotADirectoryError):
+            return 0
+        try:
+            st = _regular(dir_fd, base)
+            if st is None:
+                return 0
+            try:
+                os.unlink(base, dir_fd=dir_fd)
+            except FileNotFoundError:
+                return 0  # another worker removed it first, and released its bytes
+            return st.st_size
+        finally:
+            os.close(dir_fd)
+    finally:
+        os.close(root_fd)
+
+
+@contextlib.contextmanager
+def _locked(root_fd: int, lock_name: str) -> Iterator[None]:
+    fd = os.open(lock_name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
+                 dir_fd=root_fd)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # released by close
+        yield
+    finally:
+        os.close(fd)
+
+
+def make_room(root: str, size: int, limit: int) -> tuple[bool, list[str]]:
+    """Reserve `size` bytes, evicting the least recently served copies if they do not fit.
+
+    Returns whether the bytes were reserved, and the names evicted. One
+    process evicts at a time; the others wait, then find the room made.
+    """
+    if size > limit:
+        return False, []
+    root_fd = _open_root(root)
+    try:
+        if adjust_ledger(root_fd, size, limit=limit):
+            return True, []
+        with _locked(root_fd, EVICT_LOCK):
+            evicted: list[str] = []
+            for _ in range(EVICT_ROUNDS):
+                # Another process may have made room (or taken it) meanwhile.
+                if adjust_ledger(root_fd, size, limit=limit):
+                    return True, evicted
+                gone = _evict(root, root_fd, int(limit * EVICT_TO) - size)
+                if not gone:
+                    # Nothing left to evict, and still no room: the count
+                    # drifted (copies removed by hand); start it from the disk.
+                    adjust_ledger(root_fd, set_to=sum(f.size for f in scan(root)))
+                evicted += gone
+            return adjust_ledger(root_fd, size, limit=limit), evicted
+    finally:
+        os.close(root_fd)
+
+
+def _evict(root: str, root_fd: int, goal: int) -> list[str]:
+    """Remove the copies served longest ago until the count is at most `goal`; their names."""
+    total = read_ledger(root)
+    evicted: list[str] = []
+    for found in sorted((f for f in scan(root) if not f.temporary), key=lambda f: f.atime):
+        if total <= goal:
+            break
+        # A copy rewritten since the scan is not the one that was served long ago.
+        if remove_if_unchanged(root, found):
+            adjust_ledger(root_fd, -found.size)
+            total -= found.size
+            evicted.append(found.name)
+    return evicted
 
 
 def reserve(root: str, size: int, limit: int) -> bool:

@@ -11,12 +11,14 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.util
+import ipaddress
 import os
 import re
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
+from urllib.parse import urlsplit
 
 BACKENDS = ("mysql", "pgsql", "sqlite")
 # STORAGE_LAYOUT -> the STORAGE_BACKENDs it runs on (storage/layouts/ has one
@@ -39,6 +41,17 @@ MAX_CHUNK_SIZE = 16 * 1024 * 1024
 # Paths that eZ's RewriteRule sends to index_image.php:
 #   ^/var/([^/]+/)?storage/images(-versioned)?/.*
 VAR_DIR_RE = re.compile(r"^var(/[^/]+)?$")
+
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+# RFC 9110 §5.1: a field name is a token.
+_FIELD_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+# Fields serve-image sends itself: a surrogate key must not replace one.
+_OWN_FIELDS = frozenset((
+    "accept-ranges", "cache-control", "content-disposition", "content-length",
+    "content-range", "content-security-policy", "content-type", "date", "etag", "expires",
+    "last-modified", "retry-after", "allow", "x-content-type-options",
+))
 
 
 class SiteConfigError(Exception):
@@ -101,6 +114,11 @@ class Settings:
     cache_ttl: float
     header_timeout: float
     max_connections: int | None
+    # Invalidation (serve_image/purge.py sends, serve_image/invalidation.py answers).
+    purge_urls: tuple[str, ...]
+    purge_allow: tuple[IPNetwork, ...]
+    purge_timeout: float
+    surrogate_key_header: str | None
 
     def describe(self) -> str:
         """Where the site's data lives, for logs: never shows the password."""
@@ -137,10 +155,16 @@ def _int_range(lo: int, hi: int) -> Callable[[Any], int]:
     return check
 
 
-def _seconds(v: Any) -> float:
-    if isinstance(v, bool) or not isinstance(v, int | float) or not 0 < v <= 600:
-        raise ValueError("must be a number of seconds above 0 and at most 600")
-    return float(v)
+def _seconds_up_to(hi: int) -> Callable[[Any], float]:
+    def check(v: Any) -> float:
+        if isinstance(v, bool) or not isinstance(v, int | float) or not 0 < v <= hi:
+            raise ValueError(f"must be a number of seconds above 0 and at most {hi}")
+        return float(v)
+
+    return check
+
+
+_seconds = _seconds_up_to(600)
 
 
 def _opt_int_range(lo: int, hi: int) -> Callable[[Any], int | None]:
@@ -243,6 +267,63 @@ def _metrics_path(v: Any) -> str | None:
     return v
 
 
+def _list_of_strings(v: Any, example: str) -> list[str]:
+    if isinstance(v, str) or not isinstance(v, list | tuple):
+        raise ValueError(f"must be a list such as {example}")
+    for item in v:
+        if not isinstance(item, str):
+            raise ValueError(f"entries must be strings, not {type(item).__name__}")
+    return list(v)
+
+
+def _purge_urls(v: Any) -> tuple[str, ...]:
+    """PURGE_URLS: `http[s]://host[:port]` each, normalised; a PURGE's path is the file's."""
+    out = []
+    for url in _list_of_strings(v, '["http://varnish:6081", "http://node2:8000"]'):
+        try:
+            parts = urlsplit(url)
+            port = parts.port
+        except ValueError as e:
+            raise ValueError(f"entry {url!r} is not a valid URL: {e}") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f'entries must look like "http://host:port", not {url!r}')
+        if parts.username is not None or parts.password is not None:
+            raise ValueError(f"entry {url!r} must not hold a user name or password")
+        if parts.path not in ("", "/") or parts.query or parts.fragment:
+            raise ValueError(
+                f"entry {url!r} must have no path, query or fragment: "
+                "the path of each PURGE is the file's"
+            )
+        host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+        default = 443 if parts.scheme == "https" else 80
+        normal = f"{parts.scheme}://{host}:{port or default}"
+        if normal not in out:
+            out.append(normal)
+    return tuple(out)
+
+
+def _purge_allow(v: Any) -> tuple[IPNetwork, ...]:
+    """PURGE_ALLOW: networks in CIDR form ("10.0.0.0/8"); a bare address is its /32 or /128."""
+    out = []
+    for item in _list_of_strings(v, '["127.0.0.1/32", "10.1.0.0/16"]'):
+        try:
+            out.append(ipaddress.ip_network(item.strip()))
+        except ValueError as e:
+            raise ValueError(f"entry {item!r} is not an address or network: {e}") from None
+    return tuple(out)
+
+
+def _field_name(v: Any) -> str | None:
+    if v is None:
+        return None
+    text = _str(v)
+    if not _FIELD_NAME.match(text):
+        raise ValueError(f'must be None or a header name such as "xkey", not {text!r}')
+    if text.lower() in _OWN_FIELDS:
+        raise ValueError(f"must not be {text!r}: serve-image sends that header itself")
+    return text.lower()
+
+
 _HOST_RE = re.compile(r"^(?:\[([0-9A-Fa-f:.]+)\]|([^\s:/\[\]]+))(?::([0-9]{1,5}))?$")
 
 # name -> (validator, default). A default of ... means required.
@@ -281,13 +362,21 @@ _CONSTANTS: dict[str, tuple[Callable[[Any], Any], Any]] = {
     # The hot-object cache (serve_image/cache.py): 0 bytes = off. CACHE_TTL
     # is how stale a cached file may be served after it changed.
     "CACHE_MAX_BYTES": (_int_range(0, 2**40), 0),
-    "CACHE_TTL": (_seconds, 5.0),
+    # Up to a day: with PURGE_ALLOW, a purge drops a file at once, and a long
+    # TTL then only bounds what a write that sends no purge leaves stale.
+    "CACHE_TTL": (_seconds_up_to(86400), 5.0),
     # Facing clients (docs/internet-facing.md): a connection whose request
     # headers are not complete in HEADER_TIMEOUT seconds is closed; each
     # worker keeps at most MAX_CONNECTIONS open (None: derived from the
     # open-file limit, serve_image/connections.py) and answers 503 over it.
     "HEADER_TIMEOUT": (_seconds, 10.0),
     "MAX_CONNECTIONS": (_opt_int_range(1, 10_000_000), None),
+    # Invalidation: where writes send PURGE, who may send one here, how long
+    # a purge may take, and the header carrying each file's cache key.
+    "PURGE_URLS": (_purge_urls, ()),
+    "PURGE_ALLOW": (_purge_allow, ()),
+    "PURGE_TIMEOUT": (_seconds, 5.0),
+    "SURROGATE_KEY_HEADER": (_field_name, None),
 }
 KNOWN_CONSTANTS = tuple(_CONSTANTS)
 
@@ -393,6 +482,10 @@ def settings_from_mapping(values: Mapping[str, Any], source: str, name: str = ""
         cache_ttl=out["CACHE_TTL"],
         header_timeout=out["HEADER_TIMEOUT"],
         max_connections=out["MAX_CONNECTIONS"],
+        purge_urls=out["PURGE_URLS"],
+        purge_allow=out["PURGE_ALLOW"],
+        purge_timeout=out["PURGE_TIMEOUT"],
+        surrogate_key_header=out["SURROGATE_KEY_HEADER"],
     )
 
 

@@ -127,8 +127,8 @@ class SpyLayout(Layout):
     async def delete_matching(self, pattern: str) -> list[str]:
         return await self.inner.delete_matching(pattern)
 
-    async def purge(self, cutoff: int, *, dry_run: bool = False) -> tuple[int, int]:
-        return await self.inner.purge(cutoff, dry_run=dry_run)
+    async def purge(self, cutoff: int, **kw: Any) -> tuple[int, int]:
+        return await self.inner.purge(cutoff, **kw)
 
     async def stat_many(self, hashes: Sequence[str]) -> dict[str, StoredFile]:
         return await self.inner.stat_many(hashes)

@@ -29,14 +29,15 @@ Answer = tuple[int, dict[bytes, bytes], bytes, list[dict[str, Any]]]
 
 
 async def call(app: Any, raw_path: bytes, method: str = "GET",
-               headers: list[tuple[bytes, bytes]] | None = None) -> Answer:
+               headers: list[tuple[bytes, bytes]] | None = None,
+               client: tuple[str, int] | None = ("127.0.0.1", 1)) -> Answer:
     """Call the ASGI app with any bytes as the path; (status, headers, body, messages)."""
     path = urllib.parse.unquote(raw_path.split(b"?")[0].decode("latin-1"))
     scope = {
         "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method,
         "scheme": "http", "path": path, "raw_path": raw_path, "root_path": "",
         "query_string": raw_path.partition(b"?")[2], "headers": headers or [],
-        "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80),
+        "client": client, "server": ("127.0.0.1", 80),
     }
     sent: list[dict[str, Any]] = []
     never = asyncio.Event()
@@ -215,3 +216,58 @@ class RawClient:
 
     def close(self) -> None:
         self.writer.close()
+
+
+class Recorder:
+    """A plain HTTP/1.1 server on a loopback port that records each request and
+    answers `status` with an empty body (keep-alive, as a cache would)."""
+
+    def __init__(self, status: int = 200) -> None:
+        self.status = status
+        self.requests: list[tuple[str, str, dict[str, str]]] = []  # method, target, headers
+        self.port = 0
+        self.connections: set[asyncio.StreamWriter] = set()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def targets(self, method: str = "PURGE") -> list[str]:
+        return [t for m, t, _ in self.requests if m == method]
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections.add(writer)
+        try:
+            while True:
+                try:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    return
+                lines = head.decode("latin-1").split("\r\n")
+                method, target, _version = lines[0].split(" ", 2)
+                headers = {}
+                for line in lines[1:]:
+                    if ":" in line:
+                        k, v = line.split(":", 1)
+                        headers[k.strip().lower()] = v.strip()
+                self.requests.append((method, target, headers))
+                writer.write(f"HTTP/1.1 {self.status} Status\r\nContent-Length: 0\r\n\r\n"
+                             .encode())
+                await writer.drain()
+        finally:
+            self.connections.discard(writer)
+            writer.close()
+
+
+@asynccontextmanager
+async def recorder(status: int = 200) -> AsyncIterator[Recorder]:
+    rec = Recorder(status)
+    server = await asyncio.start_server(rec._serve, "127.0.0.1", 0)
+    rec.port = server.sockets[0].getsockname()[1]
+    try:
+        yield rec
+    finally:
+        server.close()
+        for writer in list(rec.connections):
+            writer.close()
+        await server.wait_closed()

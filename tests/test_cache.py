@@ -96,7 +96,7 @@ def test_off_by_default_and_settings_are_checked() -> None:
     with pytest.raises(SiteConfigError) as e:
         settings_from_mapping({"STORAGE_DB": "x.sqlite", "CACHE_TTL": 0}, "sites/x.py")
     assert str(e.value) == (
-        "sites/x.py: CACHE_TTL must be a number of seconds above 0 and at most 600"
+        "sites/x.py: CACHE_TTL must be a number of seconds above 0 and at most 86400"
     )
 
 

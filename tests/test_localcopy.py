@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import logging
+import multiprocessing
 import os
 import resource
 import threading
@@ -167,32 +169,109 @@ async def test_replaced_file_is_copied_again(
 # -- the budget -------------------------------------------------------------------
 
 
+def set_atime(path: Path, when: float) -> None:
+    """What a web server's read of the copy does to it (under strictatime)."""
+    os.utime(path, (when, path.stat().st_mtime))
+
+
 @sqlite_only
-async def test_budget_holds(settings: Settings, writer: Layout, root: Path) -> None:
+async def test_budget_holds_by_evicting_the_least_recently_served(
+    settings: Settings, writer: Layout, root: Path
+) -> None:
     for n in range(3):
         await store(writer, f"{IMG}/{n}.jpg", payload(1000, seed=n), mtime=MTIME)
     async with serving(settings, root, max_bytes=2500) as (app, client):
-        for n in range(3):
+        for n in range(2):
             assert (await client.get(f"/{IMG}/{n}.jpg")).status_code == 200
             await drain(app)
-    assert files_under(root) == [localfs.LEDGER, f"{IMG}/0.jpg", f"{IMG}/1.jpg"]
+        # 0.jpg was copied first but served since (by the web server): 1.jpg goes.
+        set_atime(root / IMG / "0.jpg", time.time())
+        set_atime(root / IMG / "1.jpg", time.time() - 3600)
+        assert (await client.get(f"/{IMG}/2.jpg")).status_code == 200
+        await drain(app)
+    assert files_under(root) == [localfs.EVICT_LOCK, localfs.LEDGER, f"{IMG}/0.jpg",
+                                 f"{IMG}/2.jpg"]
     assert localfs.read_ledger(str(root)) == 2000
 
 
 @sqlite_only
-async def test_budget_counts_copies_already_on_disk(
+async def test_a_copy_starts_as_just_served_and_an_offer_marks_it_served_again(
+    settings: Settings, writer: Layout, root: Path
+) -> None:
+    await store(writer, f"{IMG}/a.jpg", payload(100), mtime=MTIME)
+    async with serving(settings, root) as (app, client):
+        before = time.time()
+        await client.get(f"/{IMG}/a.jpg")
+        await drain(app)
+        copy = root / IMG / "a.jpg"
+        # The row's mtime, but the access time of the serve: not evicted first.
+        assert copy.stat().st_mtime == MTIME and copy.stat().st_atime >= int(before)
+        set_atime(copy, MTIME)
+        assert app.local_copies is not None
+        app.local_copies._known.clear()  # as once KNOWN_SECONDS have passed
+        await client.get(f"/{IMG}/a.jpg")
+        await drain(app)
+    assert copy.stat().st_atime >= int(before)
+    assert copy.stat().st_mtime == MTIME
+
+
+@sqlite_only
+async def test_budget_counts_and_evicts_copies_already_on_disk(
     settings: Settings, writer: Layout, root: Path
 ) -> None:
     old = root / "var/other/storage/images/old.jpg"  # another site's copy, same budget
     old.parent.mkdir(parents=True)
     old.write_bytes(payload(2000))
-    (root / "var/other/notes.txt").write_bytes(payload(5000))  # not a copy: not counted
+    (root / "var/other/notes.txt").write_bytes(payload(5000))  # not a copy: never touched
     await store(writer, f"{IMG}/new.jpg", payload(1000), mtime=MTIME)
     async with serving(settings, root, max_bytes=2500) as (app, client):
         await client.get(f"/{IMG}/new.jpg")
         await drain(app)
-    assert not (root / IMG / "new.jpg").exists()
-    assert localfs.read_ledger(str(root)) == 2000
+    assert (root / IMG / "new.jpg").exists()
+    assert not old.exists()
+    assert (root / "var/other/notes.txt").exists()
+    assert localfs.read_ledger(str(root)) == 1000
+
+
+@sqlite_only
+async def test_a_file_larger_than_the_budget_is_not_copied_and_evicts_nothing(
+    settings: Settings, writer: Layout, root: Path
+) -> None:
+    await store(writer, f"{IMG}/small.jpg", payload(500), mtime=MTIME)
+    await store(writer, f"{IMG}/huge.jpg", payload(3000), mtime=MTIME)
+    async with serving(settings, root, max_bytes=2500) as (app, client):
+        for name in ("small.jpg", "huge.jpg"):
+            assert (await client.get(f"/{IMG}/{name}")).status_code == 200
+            await drain(app)
+    assert files_under(root) == [localfs.LEDGER, f"{IMG}/small.jpg"]
+
+
+def _fill(root: str, worker: int, files: int, size: int, limit: int) -> int:
+    """One process making room and writing copies, as a worker's copy task does."""
+    written = 0
+    for n in range(files):
+        ok, _evicted = localfs.make_room(root, size, limit)
+        if ok:
+            path = Path(root, "var/site/storage/images", f"w{worker}-{n}.jpg")
+            path.write_bytes(b"x" * size)
+            written += 1
+    return written
+
+
+def test_processes_evicting_at_once_keep_one_true_count(root: Path) -> None:
+    # The ledger and the eviction lock are flock(2)ed: four processes filling
+    # one budget at once end with the count the disk shows, within the budget.
+    (root / "var/site/storage/images").mkdir(parents=True)
+    size, limit = 1000, 20_000
+    with concurrent.futures.ProcessPoolExecutor(
+        4, mp_context=multiprocessing.get_context("spawn")
+    ) as pool:
+        written = list(pool.map(_fill, [str(root)] * 4, range(4), [40] * 4,
+                                [size] * 4, [limit] * 4))
+    on_disk = sum(p.stat().st_size for p in (root / "var").rglob("*.jpg"))
+    assert sum(written) == 160  # each one found room, by evicting
+    assert localfs.read_ledger(str(root)) == on_disk
+    assert on_disk <= limit
 
 
 # -- never outside the directory, never on the response ---------------------------

@@ -13,6 +13,7 @@ from pathlib import Path
 from serve_image.cli import CommandError, add_site_argument, run_with_storage
 from serve_image.cluster import ClusterFiles, FileBroken
 from serve_image.progress import Progress, human_bytes
+from serve_image.purge import PurgeReport
 from serve_image.settings import Settings, load_site
 from serve_image.storage import Layout, StoredFile
 from serve_image.transfer import Importer, Tally, TransferError, export_tree
@@ -30,6 +31,12 @@ def _summary(verb: str, tally: Tally, seconds: float, dry_run: bool = False) -> 
         f"{tally.stored} {would}{verb} ({human_bytes(tally.stored_bytes)}), "
         f"{tally.skipped} unchanged, {tally.failed} failed{removed} in {seconds:.1f} s{rate}"
     )
+
+
+def _print_purges(report: PurgeReport | None) -> None:
+    """The line saying which caches were told (each failure is logged as it happens)."""
+    if report is not None and report.files:
+        print(report.summary())
 
 
 def _jobs(settings: Settings, jobs: int) -> int:
@@ -50,23 +57,27 @@ def cmd_import(args: argparse.Namespace) -> int:
     if args.watch:
         return _watch(args, root)
 
-    async def work(layout: Layout) -> Tally:
+    async def work(layout: Layout) -> tuple[Tally, PurgeReport | None]:
         progress = Progress("import", enabled=not args.quiet)
+        cluster = ClusterFiles(layout)
         importer = Importer(
-            ClusterFiles(layout), progress, force=args.force, dry_run=args.dry_run,
+            cluster, progress, force=args.force, dry_run=args.dry_run,
             remove=args.remove, jobs=_jobs(settings, args.jobs),
         )
         try:
-            return await importer.run(root, settings.var_dir)
+            tally = await importer.run(root, settings.var_dir)
         finally:
             progress.close()
+            purged = await cluster.close()
+        return tally, purged
 
     started = time.monotonic()
     try:
-        tally = asyncio.run(run_with_storage(settings, work, readonly=args.dry_run))
+        tally, purged = asyncio.run(run_with_storage(settings, work, readonly=args.dry_run))
     except TransferError as e:
         raise CommandError(str(e)) from None
     print(_summary("stored", tally, time.monotonic() - started, args.dry_run))
+    _print_purges(purged)
     return 1 if tally.failed else 0
 
 
@@ -84,9 +95,11 @@ def _watch(args: argparse.Namespace, root: Path) -> int:
         raise CommandError(f"--journal {journal_path}: cannot open it: {e}") from None
 
     async def work(layout: Layout) -> int:
-        watcher = Watcher(ClusterFiles(layout), root, journal, var_dir=settings.var_dir,
-                          jobs=_jobs(settings, args.jobs))
-        await watcher.run()
+        # Purges go out as changes are applied; failures are logged.
+        async with ClusterFiles(layout) as cluster:
+            watcher = Watcher(cluster, root, journal, var_dir=settings.var_dir,
+                              jobs=_jobs(settings, args.jobs))
+            await watcher.run()
         return 1 if watcher.failed else 0
 
     try:
@@ -179,18 +192,24 @@ def cmd_rm(args: argparse.Namespace) -> int:
         raise CommandError("give either a NAME or --wildcard PATTERN")
     settings = load_site(args.site)
 
-    async def work(layout: Layout) -> list[str]:
+    async def work(layout: Layout) -> tuple[list[str], PurgeReport | None]:
         cluster = ClusterFiles(layout)
-        if args.wildcard is not None:
-            return await cluster.delete_by_wildcard(args.wildcard)
-        return [args.name] if await cluster.delete(args.name) else []
+        try:
+            if args.wildcard is not None:
+                deleted = await cluster.delete_by_wildcard(args.wildcard)
+            else:
+                deleted = [args.name] if await cluster.delete(args.name) else []
+        finally:
+            purged = await cluster.close()
+        return deleted, purged
 
-    deleted = asyncio.run(run_with_storage(settings, work, readonly=False))
+    deleted, purged = asyncio.run(run_with_storage(settings, work, readonly=False))
     if args.name is not None and not deleted:
         raise CommandError(f"{args.name}: no such file")
     for name in deleted if args.verbose else ():
         print(name)
     print(f"{len(deleted)} file(s) deleted")
+    _print_purges(purged)
     return 0
 
 
@@ -198,12 +217,19 @@ def cmd_purge(args: argparse.Namespace) -> int:
     if args.older_than < 0:
         raise CommandError("--older-than must be 0 or more days")
     settings = load_site(args.site)
-    files, size = asyncio.run(run_with_storage(
-        settings, lambda b: ClusterFiles(b).purge(args.older_than, dry_run=args.dry_run),
-        readonly=False,
-    ))
+
+    async def work(layout: Layout) -> tuple[tuple[int, int], PurgeReport | None]:
+        cluster = ClusterFiles(layout)
+        try:
+            counts = await cluster.purge(args.older_than, dry_run=args.dry_run)
+        finally:
+            purged = await cluster.close()
+        return counts, purged
+
+    (files, size), purged = asyncio.run(run_with_storage(settings, work, readonly=False))
     would = "would be " if args.dry_run else ""
     print(f"{files} deleted file(s) {would}purged ({human_bytes(size)})")
+    _print_purges(purged)
     return 0
 
 

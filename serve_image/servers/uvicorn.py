@@ -148,10 +148,13 @@ def config(options: ServerOptions) -> dict[str, Any]:
         "ws": "none",
         "timeout_graceful_shutdown": options.graceful_timeout,
         # ACCESS_LOG is the access log. uvicorn's own would format a line for
-        # every request even when its level drops it (about 4 % of a cached
-        # small file's time, scripts/bench).
+        # every request even when its level drops it (a measurable share of a
+        # cached small file's time, bench/README.md).
         "access_log": False,
         "server_header": False,
+        # The client address stays the connection's peer: PURGE_ALLOW is
+        # checked against it, and X-Forwarded-For is any client's to send.
+        "proxy_headers": False,
     }
 
 

@@ -16,7 +16,7 @@ file is validated). Most of it is written once in `rows.RowLayout`.
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from typing import ClassVar
 
 from serve_image.settings import Settings
@@ -123,8 +123,15 @@ class Layout(abc.ABC):
         """Soft-delete every live file matching eZ's wildcard (`*`, `?`); the names deleted."""
 
     @abc.abstractmethod
-    async def purge(self, cutoff: int, *, dry_run: bool = False) -> tuple[int, int]:
-        """Remove for good soft-deleted files whose mtime is before `cutoff`: (files, bytes)."""
+    async def purge(
+        self, cutoff: int, *, dry_run: bool = False,
+        removed: Callable[[list[str]], object] | None = None,
+    ) -> tuple[int, int]:
+        """Remove for good soft-deleted files whose mtime is before `cutoff`: (files, bytes).
+
+        `removed` is called with the names of each page of rows removed (so
+        that their caches can be purged).
+        """
 
     # -- management reads ---------------------------------------------------------
     @abc.abstractmethod

@@ -33,7 +33,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from contextlib import aclosing
 
 from serve_image.settings import Settings
@@ -193,8 +193,11 @@ class ReplicaLayout(Layout):
     async def delete_matching(self, pattern: str) -> list[str]:
         return await self.primary.delete_matching(pattern)
 
-    async def purge(self, cutoff: int, *, dry_run: bool = False) -> tuple[int, int]:
-        return await self.primary.purge(cutoff, dry_run=dry_run)
+    async def purge(
+        self, cutoff: int, *, dry_run: bool = False,
+        removed: Callable[[list[str]], object] | None = None,
+    ) -> tuple[int, int]:
+        return await self.primary.purge(cutoff, dry_run=dry_run, removed=removed)
 
     async def stat_many(self, hashes: Sequence[str]) -> dict[str, StoredFile]:
         return await self.primary.stat_many(hashes)

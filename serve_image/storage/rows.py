@@ -239,7 +239,10 @@ class RowLayout(Layout):
             )
         return names
 
-    async def purge(self, cutoff: int, *, dry_run: bool = False) -> tuple[int, int]:
+    async def purge(
+        self, cutoff: int, *, dry_run: bool = False,
+        removed: Callable[[list[str]], object] | None = None,
+    ) -> tuple[int, int]:
         files = size = 0
         after = ""
         while True:
@@ -255,6 +258,8 @@ class RowLayout(Layout):
                 continue
             files += await self.remove(rows, cutoff)
             size += sum(int(r[2]) for r in rows)
+            if removed is not None:
+                removed([str(r[0]) for r in rows])
 
     async def remove(self, rows: Sequence[Row], cutoff: int) -> int:
         """Delete these soft-deleted rows (if still gone and old) and their bytes; how many.
