@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import re
 import socket
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -58,18 +59,41 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+# A statement that brings chunk bytes back: it selects `filedata` (not just
+# its LENGTH) or reads a large object. The batched first-row query
+# (serve_image/batching.py) is one: it joins ezdbfile_data.
+_READS_BYTES = re.compile(r"(?<!LENGTH\()\b(?:\w+\.)?filedata\b|\blo_get\(", re.IGNORECASE)
+
+
+def reads_chunk_bytes(statement: str) -> bool:
+    return _READS_BYTES.search(statement) is not None
+
+
 class SpyBackend(Backend):
-    """A real backend, with a count of the queries that read chunk bytes."""
+    """A real backend, with a count of the reads that bring chunk bytes.
+
+    `calls` names every read in order (`fetch_meta`, `fetch_first`,
+    `fetch_chunks`, `query`); `statements` holds the SQL of each `query`.
+    """
 
     def __init__(self, inner: Backend) -> None:
         super().__init__(inner.settings, readonly=inner.readonly)
         self.inner = inner
         self.calls: list[str] = []
+        self.statements: list[str] = []
         self.limits: list[int] = []  # rows asked of each fetch_chunks
+
+    def reset(self) -> None:
+        """Forget the reads so far (a test's own set-up requests)."""
+        self.calls.clear()
+        self.statements.clear()
+        self.limits.clear()
 
     @property
     def chunk_reads(self) -> int:
-        return sum(1 for c in self.calls if c in ("fetch_first", "fetch_chunks"))
+        """Reads that brought chunk bytes: one-file reads and shared (batched) queries alike."""
+        own = sum(1 for c in self.calls if c in ("fetch_first", "fetch_chunks"))
+        return own + sum(1 for s in self.statements if reads_chunk_bytes(s))
 
     async def connect(self) -> None:
         await self.inner.connect()
@@ -103,6 +127,8 @@ class SpyBackend(Backend):
         await self.inner.execute(sql, *args)
 
     async def query(self, sql: str, *args: object) -> list[tuple[Any, ...]]:
+        self.calls.append("query")
+        self.statements.append(sql)
         return await self.inner.query(sql, *args)
 
     async def update(self, sql: str, *args: object) -> int:

@@ -15,21 +15,13 @@ from serve_image.settings import Settings, settings_from_mapping
 from tests.helpers import IMG, SpyBackend, md5, payload, running, store
 
 
-class QuerySpy(SpyBackend):
-    """Also counts the batched queries, which go through `query`."""
-
-    async def query(self, sql: str, *args: object) -> list[tuple[object, ...]]:
-        self.calls.append("query")
-        return await super().query(sql, *args)
-
-
 async def test_concurrent_reads_share_queries_and_get_their_own_rows(
     settings: Settings, writer: Backend
 ) -> None:
     names = [f"{IMG}/{i}.jpg" for i in range(30)]
     for i, name in enumerate(names):
         await store(writer, name, payload(500 + i, seed=i))
-    spy = QuerySpy(make_backend(settings, readonly=True))
+    spy = SpyBackend(make_backend(settings, readonly=True))
     await spy.connect()
     try:
         reads = BatchedReads(spy)
@@ -51,7 +43,7 @@ async def test_concurrent_row_reads_share_queries_too(
     names = [f"{IMG}/{i}.jpg" for i in range(10)]
     for i, name in enumerate(names):
         await store(writer, name, payload(2500, seed=i))
-    spy = QuerySpy(make_backend(settings, readonly=True))
+    spy = SpyBackend(make_backend(settings, readonly=True))
     await spy.connect()
     try:
         reads = BatchedReads(spy)
@@ -68,7 +60,7 @@ async def test_reads_on_an_idle_database_each_have_their_own_query(
     settings: Settings, writer: Backend
 ) -> None:
     await store(writer, f"{IMG}/a.jpg", payload(100))
-    spy = QuerySpy(make_backend(settings, readonly=True))
+    spy = SpyBackend(make_backend(settings, readonly=True))
     await spy.connect()
     try:
         reads = BatchedReads(spy)

@@ -100,7 +100,7 @@ async def test_rejected_paths_never_query_the_database(
     app: ServeImage, spy: SpyBackend, stored: Backend
 ) -> None:
     # The 400s, 414s and the 404s outside the prefix: decided from the path alone.
-    spy.calls.clear()
+    spy.reset()
     for raw, status in HOSTILE_PATHS:
         if status in (400, 414) or b"storage/images" not in raw:
             await call(app, raw)
@@ -176,7 +176,7 @@ async def test_hostile_headers_get_the_right_status_with_bounded_reads(
     app: ServeImage, spy: SpyBackend, stored: Backend,
     headers: list[tuple[bytes, bytes]], status: int,
 ) -> None:
-    spy.calls.clear()
+    spy.reset()
     got, _, body, _ = await call(app, f"/{IMG}/a.jpg".encode(), headers=headers)
     assert got == status
     if status == 200:
