@@ -107,6 +107,18 @@ def _str(v: Any) -> str:
     return v
 
 
+# A host written as `user:password@host` must be refused without repeating
+# it: the error would show the password.
+_CREDENTIALS = "must not hold a user or password: set STORAGE_USER and STORAGE_PASS"
+
+
+def _host(v: Any) -> str:
+    text = _str(v)
+    if "@" in text:
+        raise ValueError(_CREDENTIALS)
+    return text
+
+
 def _opt_str(v: Any) -> str | None:
     if v is None or v == "":
         return None
@@ -180,6 +192,8 @@ def _hosts(v: Any) -> list[dict[str, Any]]:
     out = []
     for item in v:
         if isinstance(item, str):
+            if "@" in item:
+                raise ValueError(f"entries {_CREDENTIALS}")
             m = _HOST_RE.match(item)
             if m is None:
                 raise ValueError(f'entries must look like "host" or "host:port", not {item!r}')
@@ -193,6 +207,8 @@ def _hosts(v: Any) -> list[dict[str, Any]]:
             if unknown:
                 raise ValueError(f"entries may have host, port and socket, not {sorted(unknown)}")
             host, port, sock = item.get("host", ""), item.get("port"), item.get("socket")
+            if isinstance(host, str) and "@" in host:
+                raise ValueError(f"entries {_CREDENTIALS}")
             if not isinstance(host, str) or not (host or sock):
                 raise ValueError(f"entry {item!r} needs a host or a socket")
             if port is not None:
@@ -229,7 +245,7 @@ _HOST_RE = re.compile(r"^(?:\[([0-9A-Fa-f:.]+)\]|([^\s:/\[\]]+))(?::([0-9]{1,5})
 # name -> (validator, default). A default of ... means required.
 _CONSTANTS: dict[str, tuple[Callable[[Any], Any], Any]] = {
     "STORAGE_BACKEND": (_backend, "sqlite"),
-    "STORAGE_HOST": (_str, "127.0.0.1"),
+    "STORAGE_HOST": (_host, "127.0.0.1"),
     "STORAGE_PORT": (_int_range(1, 65535), None),
     "STORAGE_SOCKET": (_opt_str, None),
     "STORAGE_HOSTS": (_hosts, None),
