@@ -1,14 +1,22 @@
-"""A real uvicorn server in the test's event loop, and a raw-socket client that reads slowly."""
+"""Servers for the tests: a real uvicorn in the test's event loop, `serve-image serve` in a
+process of its own, and a raw-socket client that reads slowly."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 import socket
+import subprocess
+import sys
+import time
 import urllib.parse
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
+import httpx
 import uvicorn
 
 from tests.helpers import free_port
@@ -47,27 +55,125 @@ async def call(app: Any, raw_path: bytes, method: str = "GET",
     return start["status"], dict(start["headers"]), body, sent
 
 
+# An in-process uvicorn binds a socket and starts: a few milliseconds even on
+# a loaded machine. A server not started by then is stuck: fail at once.
+STARTUP_SECONDS = 5.0
+# `serve-image serve` in a process of its own imports Python, the app and the
+# driver first: seconds on a loaded machine.
+PROCESS_STARTUP_SECONDS = 60.0
+
+
+class _Output(logging.Handler):
+    """uvicorn's log lines while it starts: the output a failed start is reported with."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(f"{record.levelname}: {record.getMessage()}")
+
+
 @asynccontextmanager
-async def uvicorn_server(app: Any, **config: Any) -> AsyncIterator[int]:
-    """Serve `app` (already started) on a loopback port for the block; yields the port."""
-    port = free_port()
+async def uvicorn_server(
+    app: Any, *, port: int | None = None, startup_seconds: float = STARTUP_SECONDS,
+    **config: Any,
+) -> AsyncIterator[int]:
+    """Serve `app` (already started) on a loopback port for the block; yields the port.
+
+    A server that has not started within `startup_seconds` fails the test
+    then, with uvicorn's output, instead of holding it to the suite's timeout.
+    """
+    port = port or free_port()
+    config.setdefault("lifespan", "off")
+    config.setdefault("log_level", "warning")
     server = uvicorn.Server(uvicorn.Config(
-        app, host="127.0.0.1", port=port, lifespan="off", log_level="warning",
-        http="httptools", **config,
+        app, host="127.0.0.1", port=port, http="httptools", **config,
     ))
-    task = asyncio.create_task(server.serve())
-    for _ in range(500):
-        if server.started or task.done():
-            break
-        await asyncio.sleep(0.01)
+    output = _Output()
+    uvicorn_logger = logging.getLogger("uvicorn")
+    uvicorn_logger.addHandler(output)
+
+    async def serve() -> None:
+        try:
+            await server.serve()
+        except SystemExit as e:  # uvicorn's answer to a failed start; would stop the loop
+            raise RuntimeError(f"uvicorn exited with status {e.code}") from None
+
+    task = asyncio.create_task(serve())
+    try:
+        deadline = time.monotonic() + startup_seconds
+        while not server.started and not task.done() and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+    finally:
+        uvicorn_logger.removeHandler(output)
     if not server.started:
-        await task  # raises what made it fail
-        raise RuntimeError("uvicorn did not start")
+        why = f"did not start within {startup_seconds:g} s"
+        if task.done():
+            error = task.exception() if not task.cancelled() else None
+            why = f"exited while starting ({error})"
+        else:
+            task.cancel()
+            await asyncio.wait({task}, timeout=5)
+        shown = "\n".join(output.lines) or "(no output)"
+        raise RuntimeError(f"uvicorn on port {port} {why}; its output:\n{shown}")
     try:
         yield port
     finally:
         server.should_exit = True
         await asyncio.wait_for(task, 30)
+
+
+def start_serve(
+    args: list[str], log: Path, *, env: dict[str, str] | None = None,
+    prefix: list[str] | None = None, **popen: Any,
+) -> subprocess.Popen[bytes]:
+    """`serve-image ARGS` in a process of its own, its output in `log`."""
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [*(prefix or []), sys.executable, "-m", "serve_image", *args],
+            stdout=out, stderr=subprocess.STDOUT,
+            env={**(os.environ if env is None else env), "PYTHONUNBUFFERED": "1"}, **popen,
+        )
+
+
+def wait_serving(
+    proc: subprocess.Popen[bytes], port: int, log: Path,
+    seconds: float = PROCESS_STARTUP_SECONDS,
+) -> int:
+    """Poll /-/health until the server answers; its status (200, or 503 with no database).
+
+    Fails at once, with the server's output, when the process exits; after
+    `seconds` when it never answers.
+    """
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            return httpx.get(f"http://127.0.0.1:{port}/-/health", timeout=2).status_code
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None:
+            why = f"exited with {proc.returncode} while starting"
+            break
+        if time.monotonic() > deadline:
+            why = f"did not answer within {seconds:g} s"
+            break
+        time.sleep(0.05)
+    raise RuntimeError(
+        f"serve-image on port {port} {why}; its output:\n{log.read_text(errors='replace')}"
+    )
+
+
+def stop(proc: subprocess.Popen[bytes], seconds: float = 20) -> int:
+    """Terminate a server (SIGTERM, then SIGKILL after `seconds`); its exit status."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(seconds)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
 
 
 class RawClient:
