@@ -1,12 +1,14 @@
 """Test helpers: storing files with chosen chunks, a backend that counts its reads,
-an app started with an in-process client."""
+an app started with an in-process client, a table lock held from outside."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import random
 import re
 import socket
+import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -15,6 +17,7 @@ import httpx
 
 from serve_image.app import ServeImage
 from serve_image.backends import Backend, Chunk, FileMeta
+from serve_image.settings import Settings
 
 IMG = "var/site/storage/images"
 
@@ -133,3 +136,73 @@ class SpyBackend(Backend):
 
     async def update(self, sql: str, *args: object) -> int:
         return await self.inner.update(sql, *args)
+
+
+class Locker:
+    """Holds a table lock from a connection of its own, finds and kills the blocked query."""
+
+    def __init__(self, backend: str, settings: Settings) -> None:
+        self.backend = backend
+        self.settings = settings
+        self.conn: Any = None
+
+    async def lock(self) -> None:
+        s = self.settings
+        if self.backend == "mysql":
+            import aiomysql
+
+            self.conn = await aiomysql.connect(
+                host=s.host, port=s.port, user=s.user, password=s.password, db=s.database,
+                autocommit=True,
+            )
+            async with self.conn.cursor() as cur:
+                await cur.execute("LOCK TABLES ezdbfile_data WRITE")
+        else:
+            import asyncpg
+
+            self.conn = await asyncpg.connect(
+                host=s.host, port=s.port, user=s.user or None, database=s.database
+            )
+            await self.conn.execute("BEGIN")
+            await self.conn.execute("LOCK TABLE ezdbfile_data IN ACCESS EXCLUSIVE MODE")
+
+    async def blocked(self) -> list[int]:
+        """Ids of the site's connections waiting for the lock."""
+        if self.backend == "mysql":
+            async with self.conn.cursor() as cur:
+                await cur.execute(
+                    "SELECT id FROM information_schema.processlist "
+                    "WHERE db = %s AND id <> CONNECTION_ID() AND state LIKE %s",
+                    (self.settings.database, "%metadata lock%"),
+                )
+                return [r[0] for r in await cur.fetchall()]
+        rows = await self.conn.fetch(
+            "SELECT pid FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid() "
+            "AND wait_event_type = 'Lock'", self.settings.database,
+        )
+        return [r[0] for r in rows]
+
+    async def wait_blocked(self, count: int = 1, seconds: float = 30) -> list[int]:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            ids = await self.blocked()
+            if len(ids) >= count:
+                return ids
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"no {count} queries blocked on the lock within {seconds:g} s")
+
+    async def kill(self, ident: int) -> None:
+        if self.backend == "mysql":
+            async with self.conn.cursor() as cur:
+                await cur.execute(f"KILL CONNECTION {int(ident)}")
+        else:
+            await self.conn.execute("SELECT pg_terminate_backend($1)", ident)
+
+    async def unlock(self) -> None:
+        if self.backend == "mysql":
+            async with self.conn.cursor() as cur:
+                await cur.execute("UNLOCK TABLES")
+            self.conn.close()
+        else:
+            await self.conn.execute("ROLLBACK")
+            await self.conn.close()

@@ -31,7 +31,7 @@ from serve_image.failover import Failover
 from serve_image.settings import Settings, settings_from_mapping
 from tests.conftest import DatabaseFactory
 from tests.dbservers import MariaDB, PostgreSQL, Server
-from tests.helpers import IMG, SpyBackend, free_port, md5, payload, running, store
+from tests.helpers import IMG, Locker, SpyBackend, free_port, md5, payload, running, store
 from tests.live import RawClient, uvicorn_server
 
 pytestmark = pytest.mark.slow
@@ -259,75 +259,6 @@ def driver_backend(request: pytest.FixtureRequest) -> str:
 
 
 # -- killed connections, on this machine's servers ------------------------------
-class Locker:
-    """Holds a table lock from a connection of its own, finds and kills the blocked query."""
-
-    def __init__(self, backend: str, settings: Settings) -> None:
-        self.backend = backend
-        self.settings = settings
-        self.conn: Any = None
-
-    async def lock(self) -> None:
-        s = self.settings
-        if self.backend == "mysql":
-            import aiomysql
-
-            self.conn = await aiomysql.connect(
-                host=s.host, port=s.port, user=s.user, password=s.password, db=s.database,
-                autocommit=True,
-            )
-            async with self.conn.cursor() as cur:
-                await cur.execute("LOCK TABLES ezdbfile_data WRITE")
-        else:
-            import asyncpg
-
-            self.conn = await asyncpg.connect(
-                host=s.host, port=s.port, user=s.user or None, database=s.database
-            )
-            await self.conn.execute("BEGIN")
-            await self.conn.execute("LOCK TABLE ezdbfile_data IN ACCESS EXCLUSIVE MODE")
-
-    async def blocked(self) -> list[int]:
-        """Ids of the site's connections waiting for the lock."""
-        if self.backend == "mysql":
-            async with self.conn.cursor() as cur:
-                await cur.execute(
-                    "SELECT id FROM information_schema.processlist "
-                    "WHERE db = %s AND id <> CONNECTION_ID() AND state LIKE %s",
-                    (self.settings.database, "%metadata lock%"),
-                )
-                return [r[0] for r in await cur.fetchall()]
-        rows = await self.conn.fetch(
-            "SELECT pid FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid() "
-            "AND wait_event_type = 'Lock'", self.settings.database,
-        )
-        return [r[0] for r in rows]
-
-    async def wait_blocked(self, count: int = 1) -> list[int]:
-        for _ in range(500):
-            ids = await self.blocked()
-            if len(ids) >= count:
-                return ids
-            await asyncio.sleep(0.01)
-        raise AssertionError("no query blocked on the lock")
-
-    async def kill(self, ident: int) -> None:
-        if self.backend == "mysql":
-            async with self.conn.cursor() as cur:
-                await cur.execute(f"KILL CONNECTION {int(ident)}")
-        else:
-            await self.conn.execute("SELECT pg_terminate_backend($1)", ident)
-
-    async def unlock(self) -> None:
-        if self.backend == "mysql":
-            async with self.conn.cursor() as cur:
-                await cur.execute("UNLOCK TABLES")
-            self.conn.close()
-        else:
-            await self.conn.execute("ROLLBACK")
-            await self.conn.close()
-
-
 async def _big_site(databases: DatabaseFactory, backend: str, **extra: Any) -> Settings:
     """`backend` is a key of DRIVERS, or "sqlite"."""
     kind, driver = DRIVERS.get(backend, (backend, {}))
