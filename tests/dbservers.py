@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.helpers import free_port
+from tests.servers import free_port
 
 
 def _wait_port(port: int, proc: subprocess.Popen[bytes], what: str, seconds: float = 30) -> None:

@@ -7,7 +7,6 @@ import asyncio
 import hashlib
 import random
 import re
-import socket
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -18,6 +17,7 @@ import httpx
 from serve_image.app import ServeImage
 from serve_image.backends import Backend, Chunk, FileMeta
 from serve_image.settings import Settings
+from tests.servers import free_port as free_port  # re-exported for the tests
 
 IMG = "var/site/storage/images"
 
@@ -54,12 +54,6 @@ async def running(app: ServeImage, base_url: str = "http://t") -> AsyncIterator[
             yield client
     finally:
         await app.shutdown()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # A statement that brings chunk bytes back: it selects `filedata` (not just

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 import urllib.parse
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -25,8 +25,14 @@ Answer = tuple[int, dict[bytes, bytes], bytes, list[dict[str, Any]]]
 
 
 async def call(app: Any, raw_path: bytes, method: str = "GET",
-               headers: list[tuple[bytes, bytes]] | None = None) -> Answer:
-    """Call the ASGI app with any bytes as the path; (status, headers, body, messages)."""
+               headers: list[tuple[bytes, bytes]] | None = None,
+               on_body: Callable[[int], Awaitable[None]] | None = None) -> Answer:
+    """Call the ASGI app with any bytes as the path; (status, headers, body, messages).
+
+    The client never disconnects. `on_body(bytes so far)` is awaited after each
+    part of a body that has more to come: a test acts there while the response
+    is in flight. A response cut off ends with `more_body` True.
+    """
     path = urllib.parse.unquote(raw_path.split(b"?")[0].decode("latin-1"))
     scope = {
         "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method,
@@ -46,8 +52,14 @@ async def call(app: Any, raw_path: bytes, method: str = "GET",
         await never.wait()
         return {"type": "http.disconnect"}
 
+    received = 0
+
     async def send(message: dict[str, Any]) -> None:
+        nonlocal received
         sent.append(message)
+        received += len(message.get("body", b""))
+        if on_body is not None and message.get("more_body"):
+            await on_body(received)
 
     await app(scope, receive, send)
     start = sent[0]
@@ -103,7 +115,10 @@ async def uvicorn_server(
     task = asyncio.create_task(serve())
     try:
         deadline = time.monotonic() + startup_seconds
-        while not server.started and not task.done() and time.monotonic() < deadline:
+        # uvicorn has a flag, not an event, for "started": polled.
+        while True:
+            if server.started or task.done() or time.monotonic() > deadline:
+                break
             await asyncio.sleep(0.01)
     finally:
         uvicorn_logger.removeHandler(output)

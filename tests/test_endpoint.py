@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import time
@@ -188,8 +189,6 @@ async def _get_raw(
         if not messages:
             messages.append({})
             return {"type": "http.request", "body": b"", "more_body": False}
-        import asyncio
-
         await asyncio.Event().wait()  # never disconnects
         raise AssertionError
 
@@ -312,13 +311,11 @@ async def test_database_down_is_fast_503(
         # Start-up does not fail: the database may come back.
         async with running(app) as c:
             for _ in range(3):
-                t0 = time.monotonic()
-                r = await c.get(f"/{IMG}/a.jpg")
-                elapsed = time.monotonic() - t0
+                # Never a hang (how fast it is, bench/failover.py measures).
+                r = await asyncio.wait_for(c.get(f"/{IMG}/a.jpg"), 60)
                 assert r.status_code == 503
                 assert r.headers["retry-after"] == "5"
                 assert r.text == "503 Service Unavailable\n"
-                assert elapsed < 4  # bounded by the connect timeout: never a hang
             health = await c.get("/-/health")
             assert health.status_code == 503
             assert health.headers["cache-control"] == "no-store"
@@ -335,10 +332,11 @@ async def test_recovers_when_database_returns(tmp_path: Any) -> None:
         await writer.create_tables()
         await store(writer, f"{IMG}/a.jpg", b"back")
         await writer.close()
-        import asyncio
-
-        await asyncio.sleep(0.3)  # the breaker's 0.25 s
-        r = await c.get(f"/{IMG}/a.jpg")
+        # Served again once the breaker's 0.25 s are over.
+        deadline = time.monotonic() + 60
+        while (r := await c.get(f"/{IMG}/a.jpg")).status_code == 503:
+            assert time.monotonic() < deadline, "never served again"
+            await asyncio.sleep(0.01)
         assert (r.status_code, r.content) == (200, b"back")
         assert (await c.get("/-/health")).status_code == 200
 

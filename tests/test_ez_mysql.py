@@ -9,7 +9,6 @@ server, chunks of DBChunkSize bytes, deletes as `mtime = -ABS(mtime), expired = 
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import AsyncIterator
 from typing import Any
 
