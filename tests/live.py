@@ -89,14 +89,25 @@ class _Output(logging.Handler):
 @asynccontextmanager
 async def uvicorn_server(
     app: Any, *, port: int | None = None, startup_seconds: float = STARTUP_SECONDS,
-    **config: Any,
+    sndbuf: int | None = None, **config: Any,
 ) -> AsyncIterator[int]:
     """Serve `app` (already started) on a loopback port for the block; yields the port.
 
     A server that has not started within `startup_seconds` fails the test
     then, with uvicorn's output, instead of holding it to the suite's timeout.
+    `sndbuf`: the send buffer of each connection, in bytes. Linux grows a
+    loopback connection's to megabytes, so a server whose client stopped
+    reading may have most of a file sent already; a small one keeps it from
+    getting far ahead of the client.
     """
     port = port or free_port()
+    sockets = None
+    if sndbuf is not None:
+        # Accepted connections inherit the listening socket's buffer size.
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+        listener.bind(("127.0.0.1", port))
+        sockets = [listener]
     config.setdefault("lifespan", "off")
     config.setdefault("log_level", "warning")
     server = uvicorn.Server(uvicorn.Config(
@@ -108,7 +119,7 @@ async def uvicorn_server(
 
     async def serve() -> None:
         try:
-            await server.serve()
+            await server.serve(sockets)
         except SystemExit as e:  # uvicorn's answer to a failed start; would stop the loop
             raise RuntimeError(f"uvicorn exited with status {e.code}") from None
 
@@ -137,6 +148,8 @@ async def uvicorn_server(
     finally:
         server.should_exit = True
         await asyncio.wait_for(task, 30)
+        for listener in sockets or ():
+            listener.close()
 
 
 def start_serve(

@@ -16,6 +16,7 @@ from serve_image.app import ServeImage
 from serve_image.backends import Backend, make_backend
 from serve_image.settings import Settings, settings_from_mapping
 from tests.helpers import IMG, SpyBackend, md5, payload, running, store
+from tests.live import RawClient, uvicorn_server
 
 MTIME = 1_700_000_000
 
@@ -238,6 +239,54 @@ async def test_file_replaced_mid_stream_aborts(
     assert len(body) < 1_000_000
     assert body == payload(1_000_000, 1)[: len(body)]  # never a byte of the new version
     assert "aborted var/site/storage/images/big.bin" in caplog.text
+    assert "file replaced, deleted or missing chunks" in caplog.text
+
+
+SWAP = f"{IMG}/swap.jpg"
+SWAP_SIZE = 4 * 1024 * 1024
+SWAP_OLD, SWAP_NEW = payload(SWAP_SIZE, 11), payload(SWAP_SIZE, 12)
+
+
+def _multipart(boundary: str, parts: list[tuple[int, int]], data: bytes) -> bytes:
+    """A multipart/byteranges body of `data` as RFC 9110 §14.6 writes it."""
+    body = b""
+    for first, last in parts:
+        body += (f"--{boundary}\r\nContent-Type: image/jpeg\r\n"
+                 f"Content-Range: bytes {first}-{last}/{len(data)}\r\n\r\n").encode()
+        body += data[first:last + 1] + b"\r\n"
+    return body + f"--{boundary}--\r\n".encode()
+
+
+@pytest.mark.parametrize("wanted", [None, "bytes=100000-", "bytes=0-99,200000-"],
+                         ids=["whole", "range", "multipart"])
+async def test_file_replaced_mid_stream_over_http_is_cut_off(
+    writer: Backend, app: ServeImage, wanted: str | None, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Over a real connection: the client gets a broken transfer, a prefix of what the old
+    version's response would have been, never a byte of the new one."""
+    await store(writer, SWAP, SWAP_OLD, chunk=65535, mtime=MTIME)
+    extra = f"Range: {wanted}\r\n".encode() if wanted else b""
+    with caplog.at_level(logging.ERROR, "serve_image.endpoint"):
+        async with uvicorn_server(app, sndbuf=65536) as port:
+            client = await RawClient.get(port, f"/{SWAP}", extra=extra)
+            await client.read(65536)
+            await store(writer, SWAP, SWAP_NEW, chunk=65535, mtime=MTIME + 60)
+            await asyncio.wait_for(client.read_all(), 60)
+            client.close()
+    if wanted is None:
+        expected, status = SWAP_OLD, 200
+    elif wanted == "bytes=100000-":
+        expected, status = SWAP_OLD[100000:], 206
+        assert client.headers["content-range"] == f"bytes 100000-{SWAP_SIZE - 1}/{SWAP_SIZE}"
+    else:
+        ctype = client.headers["content-type"]
+        assert ctype.startswith("multipart/byteranges; boundary=")
+        parts = [(0, 99), (200000, SWAP_SIZE - 1)]
+        expected, status = _multipart(ctype.split("=", 1)[1], parts, SWAP_OLD), 206
+    assert (client.status, client.length) == (status, len(expected))
+    assert 65536 <= len(client.body) < len(expected)
+    assert bytes(client.body) == expected[:len(client.body)]
+    assert f"aborted {SWAP} at byte " in caplog.text
     assert "file replaced, deleted or missing chunks" in caplog.text
 
 
