@@ -26,12 +26,13 @@ Answer = tuple[int, dict[bytes, bytes], bytes, list[dict[str, Any]]]
 
 async def call(app: Any, raw_path: bytes, method: str = "GET",
                headers: list[tuple[bytes, bytes]] | None = None,
-               on_body: Callable[[int], Awaitable[None]] | None = None) -> Answer:
+               on_body: Callable[[int, bool], Awaitable[None]] | None = None) -> Answer:
     """Call the ASGI app with any bytes as the path; (status, headers, body, messages).
 
-    The client never disconnects. `on_body(bytes so far)` is awaited after each
-    part of a body that has more to come: a test acts there while the response
-    is in flight. A response cut off ends with `more_body` True.
+    The client never disconnects. `on_body(bytes so far, more to come)` is
+    awaited as each part of the body is sent, before the app goes on: a test
+    acts there while the response is in flight. A response cut off ends with
+    `more_body` True.
     """
     path = urllib.parse.unquote(raw_path.split(b"?")[0].decode("latin-1"))
     scope = {
@@ -58,8 +59,8 @@ async def call(app: Any, raw_path: bytes, method: str = "GET",
         nonlocal received
         sent.append(message)
         received += len(message.get("body", b""))
-        if on_body is not None and message.get("more_body"):
-            await on_body(received)
+        if on_body is not None and message["type"] == "http.response.body":
+            await on_body(received, bool(message.get("more_body")))
 
     await app(scope, receive, send)
     start = sent[0]

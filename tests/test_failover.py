@@ -168,9 +168,10 @@ async def test_failover_under_load_then_back(
 
     in_flight, go_on = asyncio.Event(), asyncio.Event()
 
-    async def hold(_: int) -> None:
-        in_flight.set()
-        await go_on.wait()
+    async def hold(_: int, more: bool) -> None:
+        if more:
+            in_flight.set()
+            await go_on.wait()
 
     try:
         transport = httpx.ASGITransport(app=app)
