@@ -141,6 +141,7 @@ class Locker:
         self.conn: Any = None
 
     async def lock(self) -> None:
+        assert self.conn is None, "locked already"
         s = self.settings
         if self.backend == "mysql":
             import aiomysql
@@ -193,10 +194,14 @@ class Locker:
             await self.conn.execute("SELECT pg_terminate_backend($1)", ident)
 
     async def unlock(self) -> None:
+        """Let go of the lock and close the connection; nothing when not locked."""
+        conn, self.conn = self.conn, None
+        if conn is None:
+            return
         if self.backend == "mysql":
-            async with self.conn.cursor() as cur:
+            async with conn.cursor() as cur:
                 await cur.execute("UNLOCK TABLES")
-            self.conn.close()
+            conn.close()
         else:
-            await self.conn.execute("ROLLBACK")
-            await self.conn.close()
+            await conn.execute("ROLLBACK")
+            await conn.close()

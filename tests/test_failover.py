@@ -359,7 +359,7 @@ async def test_connection_killed_mid_stream_aborts_that_response(
             ids = await locker.wait_blocked()
             await locker.kill(ids[0])
             await locker.unlock()
-            await asyncio.wait_for(reader, 10)
+            await asyncio.wait_for(reader, DEADLINE)
             client.close()
             # Cut off, never completed with other bytes.
             assert 0 < len(client.body) < BIG_SIZE
@@ -373,6 +373,7 @@ async def test_connection_killed_mid_stream_aborts_that_response(
         assert app.backend.failover.status() == [  # type: ignore[attr-defined]
             (f"{settings.host}:{settings.port}", True)]
     finally:
+        await locker.unlock()  # a failed test must not leave the table locked
         await app.shutdown()
 
 
@@ -408,6 +409,7 @@ async def test_query_timeout_after_the_headers_cuts_the_response_off(
         assert app.backend.failover.status() == [  # type: ignore[attr-defined]
             (f"{settings.host}:{settings.port}", True)]
     finally:
+        await locker.unlock()
         await app.shutdown()
 
 
@@ -418,19 +420,22 @@ async def test_connection_killed_before_first_byte_is_retried(
     app = ServeImage(settings)
     locker = Locker(settings.backend, settings)
     async with running(app) as c:
-        await locker.lock()
-        request = asyncio.create_task(c.get(f"/{SMALL}"))
-        with caplog.at_level(logging.WARNING, "serve_image.failover"):
-            ids = await locker.wait_blocked()
-            await locker.kill(ids[0])
-            await locker.unlock()
-            r = await asyncio.wait_for(request, 10)
-        assert r.status_code == 200
-        assert r.content == SMALL_DATA
-        assert [rec.message.startswith("query failed") for rec in caplog.records] == [True]
-        # One killed connection does not put a healthy server aside.
-        assert app.backend.failover.status() == [  # type: ignore[attr-defined]
-            (f"{settings.host}:{settings.port}", True)]
+        try:
+            await locker.lock()
+            request = asyncio.create_task(c.get(f"/{SMALL}"))
+            with caplog.at_level(logging.WARNING, "serve_image.failover"):
+                ids = await locker.wait_blocked()
+                await locker.kill(ids[0])
+                await locker.unlock()
+                r = await asyncio.wait_for(request, DEADLINE)
+            assert r.status_code == 200
+            assert r.content == SMALL_DATA
+            assert [rec.message.startswith("query failed") for rec in caplog.records] == [True]
+            # One killed connection does not put a healthy server aside.
+            assert app.backend.failover.status() == [  # type: ignore[attr-defined]
+                (f"{settings.host}:{settings.port}", True)]
+        finally:
+            await locker.unlock()  # before the pools close
 
 
 async def test_pool_exhausted_is_bounded_503(
@@ -442,21 +447,24 @@ async def test_pool_exhausted_is_bounded_503(
     app = ServeImage(settings)
     locker = Locker(settings.backend, settings)
     async with running(app) as c:
-        await locker.lock()
-        holder = asyncio.create_task(c.get(f"/{SMALL}"))  # takes the one connection
-        await locker.wait_blocked()
-        t0 = time.monotonic()
-        r = await asyncio.wait_for(c.get(f"/{SMALL}"), DEADLINE)
-        waited = time.monotonic() - t0
-        assert r.status_code == 503
-        assert r.headers["retry-after"] == "5"
-        assert waited > 0.25  # it waited for a connection (the acquire timeout), then 503
-        # Busy is not down: the server is not put aside.
-        assert app.backend.failover.status()[0][1] is True  # type: ignore[attr-defined]
-        await locker.unlock()
-        held = await asyncio.wait_for(holder, 10)
-        assert held.status_code == 200
-        assert held.content == SMALL_DATA
+        try:
+            await locker.lock()
+            holder = asyncio.create_task(c.get(f"/{SMALL}"))  # takes the one connection
+            await locker.wait_blocked()
+            t0 = time.monotonic()
+            r = await asyncio.wait_for(c.get(f"/{SMALL}"), DEADLINE)
+            waited = time.monotonic() - t0
+            assert r.status_code == 503
+            assert r.headers["retry-after"] == "5"
+            assert waited > 0.25  # it waited for a connection (the acquire timeout), then 503
+            # Busy is not down: the server is not put aside.
+            assert app.backend.failover.status()[0][1] is True  # type: ignore[attr-defined]
+            await locker.unlock()
+            held = await asyncio.wait_for(holder, DEADLINE)
+            assert held.status_code == 200
+            assert held.content == SMALL_DATA
+        finally:
+            await locker.unlock()  # before the pools close
 
 
 async def test_read_that_never_answers_is_a_bounded_503(
@@ -467,21 +475,24 @@ async def test_read_that_never_answers_is_a_bounded_503(
     app = ServeImage(settings)
     locker = Locker(settings.backend, settings)
     async with running(app) as c:
-        await locker.lock()
-        t0 = time.monotonic()
-        with caplog.at_level(logging.WARNING, "serve_image.failover"):
-            r = await asyncio.wait_for(c.get(f"/{SMALL}"), DEADLINE)  # the lock is never let go
-        waited = time.monotonic() - t0
-        assert r.status_code == 503
-        assert r.headers["retry-after"] == "5"
-        assert waited > 0.25
-        # The timeout once: a timed-out read is not tried again.
-        assert [rec.message.split(":")[0] for rec in caplog.records] == ["query timed out"]
-        # A stuck query is not a server down: it is not put aside.
-        assert app.backend.failover.status()[0][1] is True  # type: ignore[attr-defined]
-        await locker.unlock()
-        r = await c.get(f"/{SMALL}")
-        assert (r.status_code, r.content) == (200, SMALL_DATA)
+        try:
+            await locker.lock()
+            t0 = time.monotonic()
+            with caplog.at_level(logging.WARNING, "serve_image.failover"):
+                r = await asyncio.wait_for(c.get(f"/{SMALL}"), DEADLINE)  # the lock is never let go
+            waited = time.monotonic() - t0
+            assert r.status_code == 503
+            assert r.headers["retry-after"] == "5"
+            assert waited > 0.25
+            # The timeout once: a timed-out read is not tried again.
+            assert [rec.message.split(":")[0] for rec in caplog.records] == ["query timed out"]
+            # A stuck query is not a server down: it is not put aside.
+            assert app.backend.failover.status()[0][1] is True  # type: ignore[attr-defined]
+            await locker.unlock()
+            r = await c.get(f"/{SMALL}")
+            assert (r.status_code, r.content) == (200, SMALL_DATA)
+        finally:
+            await locker.unlock()  # before the pools close
 
 
 async def test_slow_clients_do_not_starve_quick_ones(
