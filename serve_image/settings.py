@@ -112,11 +112,14 @@ def _str(v: Any) -> str:
 _CREDENTIALS = "must not hold a user or password: set STORAGE_USER and STORAGE_PASS"
 
 
+def _has_credentials(host: object) -> bool:
+    return isinstance(host, str) and "@" in host
+
+
 def _host(v: Any) -> str:
-    text = _str(v)
-    if "@" in text:
+    if _has_credentials(v):
         raise ValueError(_CREDENTIALS)
-    return text
+    return _str(v)
 
 
 def _opt_str(v: Any) -> str | None:
@@ -191,9 +194,10 @@ def _hosts(v: Any) -> list[dict[str, Any]]:
         raise ValueError('must be a non-empty list such as ["db1:3306", "db2:3306"]')
     out = []
     for item in v:
+        host = item.get("host") if isinstance(item, dict) else item
+        if _has_credentials(host):
+            raise ValueError(f"entries {_CREDENTIALS}")
         if isinstance(item, str):
-            if "@" in item:
-                raise ValueError(f"entries {_CREDENTIALS}")
             m = _HOST_RE.match(item)
             if m is None:
                 raise ValueError(f'entries must look like "host" or "host:port", not {item!r}')
@@ -207,8 +211,6 @@ def _hosts(v: Any) -> list[dict[str, Any]]:
             if unknown:
                 raise ValueError(f"entries may have host, port and socket, not {sorted(unknown)}")
             host, port, sock = item.get("host", ""), item.get("port"), item.get("socket")
-            if isinstance(host, str) and "@" in host:
-                raise ValueError(f"entries {_CREDENTIALS}")
             if not isinstance(host, str) or not (host or sock):
                 raise ValueError(f"entry {item!r} needs a host or a socket")
             if port is not None:
