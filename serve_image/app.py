@@ -202,9 +202,10 @@ class ServeImage:
         """For load balancers: 200 when files can be served, else 503."""
         try:
             await self.layout.ping()
-        except StorageError:
+        except StorageError as e:
+            what = "database" if isinstance(e, DatabaseUnavailable) else "storage"
             return PlainTextResponse(
-                "storage unavailable\n", 503,
+                f"{what} unavailable\n", 503,
                 headers={"retry-after": str(self.settings.retry_after),
                          "cache-control": "no-store"},
             )

@@ -8,11 +8,13 @@ and the request path does not change at all: no wrapper, no clock read.
 Several uvicorn workers are several processes: when PROMETHEUS_MULTIPROC_DIR
 is set (`serve-image serve` sets it for `--workers` > 1), every worker writes
 its samples there and a scrape, whichever worker answers it, adds them up
-(prometheus-client's multiprocess mode).
+(prometheus-client's multiprocess mode). A worker's counts stay in the totals
+after it exits; its gauges leave with it, killed or not.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
@@ -155,7 +157,9 @@ class Metrics:
         from prometheus_client import CollectorRegistry, generate_latest
         from prometheus_client.multiprocess import MultiProcessCollector
 
-        if os.environ.get(MULTIPROC_ENV):
+        directory = os.environ.get(MULTIPROC_ENV)
+        if directory:
+            _forget_dead_workers(directory)
             registry = CollectorRegistry()
             MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
             return generate_latest(registry)
@@ -175,6 +179,29 @@ class Metrics:
             from prometheus_client import multiprocess
 
             multiprocess.mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]
+
+
+def _forget_dead_workers(directory: str) -> None:
+    """Drop the live gauges of workers that are gone.
+
+    A worker that shuts down marks itself dead (Metrics.close). One killed
+    (SIGKILL, the OOM killer) never does: its connections in use and its
+    view of the servers would count in every scrape until the whole server
+    restarts. uvicorn starts a new worker, with a pid of its own, in its place.
+    """
+    from prometheus_client import multiprocess
+
+    for path in glob.glob(os.path.join(directory, "gauge_live*_*.db")):
+        ident = path.rsplit("_", 1)[1].removesuffix(".db")
+        if not ident.isdigit():
+            continue  # not named by a pid: not ours to judge
+        pid = int(ident)
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            multiprocess.mark_process_dead(pid, directory)  # type: ignore[no-untyped-call]
+        except PermissionError:
+            pass  # alive, under another user
 
 
 class Observer:

@@ -138,6 +138,21 @@ def _str(v: Any) -> str:
     return v
 
 
+# A host written as `user:password@host` must be refused without repeating
+# it: the error would show the password.
+_CREDENTIALS = "must not hold a user or password: set STORAGE_USER and STORAGE_PASS"
+
+
+def _has_credentials(host: object) -> bool:
+    return isinstance(host, str) and "@" in host
+
+
+def _host(v: Any) -> str:
+    if _has_credentials(v):
+        raise ValueError(_CREDENTIALS)
+    return _str(v)
+
+
 def _opt_str(v: Any) -> str | None:
     if v is None or v == "":
         return None
@@ -222,6 +237,9 @@ def _hosts(v: Any) -> list[dict[str, Any]]:
         raise ValueError('must be a non-empty list such as ["db1:3306", "db2:3306"]')
     out = []
     for item in v:
+        host = item.get("host") if isinstance(item, dict) else item
+        if _has_credentials(host):
+            raise ValueError(f"entries {_CREDENTIALS}")
         if isinstance(item, str):
             m = _HOST_RE.match(item)
             if m is None:
@@ -329,7 +347,7 @@ _HOST_RE = re.compile(r"^(?:\[([0-9A-Fa-f:.]+)\]|([^\s:/\[\]]+))(?::([0-9]{1,5})
 # name -> (validator, default). A default of ... means required.
 _CONSTANTS: dict[str, tuple[Callable[[Any], Any], Any]] = {
     "STORAGE_BACKEND": (_backend, "sqlite"),
-    "STORAGE_HOST": (_str, "127.0.0.1"),
+    "STORAGE_HOST": (_host, "127.0.0.1"),
     "STORAGE_PORT": (_int_range(1, 65535), None),
     "STORAGE_SOCKET": (_opt_str, None),
     "STORAGE_HOSTS": (_hosts, None),

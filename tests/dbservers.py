@@ -13,6 +13,7 @@ from __future__ import annotations
 import glob
 import os
 import pwd
+import secrets
 import shutil
 import signal
 import socket
@@ -21,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.helpers import free_port
+from tests.servers import free_port
 
 
 def _wait_port(port: int, proc: subprocess.Popen[bytes], what: str, seconds: float = 30) -> None:
@@ -140,12 +141,17 @@ class MariaDB(Server):
 
 
 class PostgreSQL(Server):
+    """`auth`: how TCP clients authenticate ("trust", or "scram-sha-256" to check passwords).
+
+    The Unix socket in `dir` always trusts: the tests' own administration goes there.
+    """
+
     what = "postgresql"
     # Immediate shutdown: the postmaster kills its backends and exits at
     # once, as after a crash (a SIGKILLed postmaster would leave them running).
     kill_signal = signal.SIGQUIT
 
-    def __init__(self) -> None:
+    def __init__(self, auth: str = "trust") -> None:
         super().__init__()
         bins = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
         if not bins:
@@ -154,10 +160,17 @@ class PostgreSQL(Server):
         pw = pwd.getpwnam("postgres")
         self.uid, self.gid = pw.pw_uid, pw.pw_gid
         os.chown(self.dir, self.uid, self.gid)
+        auth_args = ["--auth=trust"]
+        if auth != "trust":
+            # initdb wants the superuser to have a password once TCP clients need one.
+            pwfile = self.dir / "superuser.pw"
+            pwfile.write_text(secrets.token_hex(16) + "\n")
+            os.chown(pwfile, self.uid, self.gid)
+            auth_args = ["--auth-local=trust", f"--auth-host={auth}", f"--pwfile={pwfile}"]
         # postgres refuses to run as root: run it as the postgres user.
         subprocess.run(
             [str(self.bin / "initdb"), "-D", str(self.dir / "data"), "-U", "postgres",
-             "--auth=trust", "-E", "UTF8", "--no-sync"],
+             *auth_args, "-E", "UTF8", "--no-sync"],
             check=True, capture_output=True, timeout=120, user=self.uid, group=self.gid,
         )
 

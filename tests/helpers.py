@@ -1,11 +1,12 @@
 """Test helpers: storing files with chosen chunks, a layout that counts its reads,
-an app started with an in-process client."""
+an app started with an in-process client, a table lock held from outside."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import random
-import socket
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -13,8 +14,10 @@ from typing import Any
 import httpx
 
 from serve_image.app import ServeImage
+from serve_image.settings import Settings
 from serve_image.storage import BrokenFile, FileMeta, First, Layout, StoredFile
 from serve_image.storage.pieces import Chunk, FetchPieces, read_pieces
+from tests.servers import free_port as free_port  # re-exported for the tests
 
 IMG = "var/site/storage/images"
 
@@ -53,11 +56,6 @@ async def running(app: ServeImage, base_url: str = "http://t") -> AsyncIterator[
         await app.shutdown()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
 
 class SpyLayout(Layout):
     """A real layout, with a log of the reads the endpoint makes through it.
@@ -72,6 +70,11 @@ class SpyLayout(Layout):
         self.inner = inner
         self.calls: list[str] = []
         self.limits: list[int] = []  # pieces asked of each fetch_chunks
+
+    def reset(self) -> None:
+        """Forget the reads so far (a test's own set-up requests)."""
+        self.calls.clear()
+        self.limits.clear()
 
     @property
     def chunk_reads(self) -> int:
@@ -138,3 +141,78 @@ class SpyLayout(Layout):
 
     def verify(self) -> AsyncIterator[BrokenFile]:
         return self.inner.verify()
+
+
+class Locker:
+    """Holds a table lock from a connection of its own, finds and kills the blocked query."""
+
+    def __init__(self, backend: str, settings: Settings) -> None:
+        self.backend = backend
+        self.settings = settings
+        self.conn: Any = None
+
+    async def lock(self) -> None:
+        assert self.conn is None, "locked already"
+        s = self.settings
+        if self.backend == "mysql":
+            import aiomysql
+
+            self.conn = await aiomysql.connect(
+                host=s.host, port=s.port, user=s.user, password=s.password, db=s.database,
+                autocommit=True,
+            )
+            async with self.conn.cursor() as cur:
+                await cur.execute("LOCK TABLES ezdbfile_data WRITE")
+        else:
+            import asyncpg
+
+            self.conn = await asyncpg.connect(
+                host=s.host, port=s.port, user=s.user or None, database=s.database
+            )
+            await self.conn.execute("BEGIN")
+            await self.conn.execute("LOCK TABLE ezdbfile_data IN ACCESS EXCLUSIVE MODE")
+
+    async def blocked(self) -> list[int]:
+        """Ids of the site's connections waiting for the lock."""
+        if self.backend == "mysql":
+            async with self.conn.cursor() as cur:
+                await cur.execute(
+                    "SELECT id FROM information_schema.processlist "
+                    "WHERE db = %s AND id <> CONNECTION_ID() AND state LIKE %s",
+                    (self.settings.database, "%metadata lock%"),
+                )
+                return [r[0] for r in await cur.fetchall()]
+        rows = await self.conn.fetch(
+            "SELECT pid FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid() "
+            "AND wait_event_type = 'Lock'", self.settings.database,
+        )
+        return [r[0] for r in rows]
+
+    async def wait_blocked(self, count: int = 1, seconds: float = 30) -> list[int]:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            ids = await self.blocked()
+            if len(ids) >= count:
+                return ids
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"no {count} queries blocked on the lock within {seconds:g} s")
+
+    async def kill(self, ident: int) -> None:
+        if self.backend == "mysql":
+            async with self.conn.cursor() as cur:
+                await cur.execute(f"KILL CONNECTION {int(ident)}")
+        else:
+            await self.conn.execute("SELECT pg_terminate_backend($1)", ident)
+
+    async def unlock(self) -> None:
+        """Let go of the lock and close the connection; nothing when not locked."""
+        conn, self.conn = self.conn, None
+        if conn is None:
+            return
+        if self.backend == "mysql":
+            async with conn.cursor() as cur:
+                await cur.execute("UNLOCK TABLES")
+            conn.close()
+        else:
+            await conn.execute("ROLLBACK")
+            await conn.close()

@@ -1,17 +1,18 @@
-"""A real server (uvicorn or granian) in the test's event loop, and a raw-socket client
-that reads slowly."""
+"""Servers for the tests: uvicorn or granian in the test's event loop, `serve-image serve`
+in a process of its own, and a raw-socket client that reads slowly."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import os
 import socket
 import subprocess
 import sys
 import time
 import urllib.parse
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
@@ -30,8 +31,15 @@ Answer = tuple[int, dict[bytes, bytes], bytes, list[dict[str, Any]]]
 
 async def call(app: Any, raw_path: bytes, method: str = "GET",
                headers: list[tuple[bytes, bytes]] | None = None,
+               on_body: Callable[[int, bool], Awaitable[None]] | None = None,
                client: tuple[str, int] | None = ("127.0.0.1", 1)) -> Answer:
-    """Call the ASGI app with any bytes as the path; (status, headers, body, messages)."""
+    """Call the ASGI app with any bytes as the path; (status, headers, body, messages).
+
+    The client (`client`: its address, None for none) never disconnects.
+    `on_body(bytes so far, more to come)` is awaited as each part of the body
+    is sent, before the app goes on: a test acts there while the response is
+    in flight. A response cut off ends with `more_body` True.
+    """
     path = urllib.parse.unquote(raw_path.split(b"?")[0].decode("latin-1"))
     scope = {
         "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method,
@@ -51,8 +59,14 @@ async def call(app: Any, raw_path: bytes, method: str = "GET",
         await never.wait()
         return {"type": "http.disconnect"}
 
+    received = 0
+
     async def send(message: dict[str, Any]) -> None:
+        nonlocal received
         sent.append(message)
+        received += len(message.get("body", b""))
+        if on_body is not None and message["type"] == "http.response.body":
+            await on_body(received, bool(message.get("more_body")))
 
     await app(scope, receive, send)
     start = sent[0]
@@ -60,53 +74,128 @@ async def call(app: Any, raw_path: bytes, method: str = "GET",
     return start["status"], dict(start["headers"]), body, sent
 
 
+
+# An in-process server binds a socket and starts: a few milliseconds even on
+# a loaded machine. A server not started by then is stuck: fail at once.
+STARTUP_SECONDS = 5.0
+# `serve-image serve` in a process of its own imports Python, the app and the
+# driver first: seconds on a loaded machine.
+PROCESS_STARTUP_SECONDS = 60.0
+
+
+class _Output(logging.Handler):
+    """A server's log lines while it starts: the output a failed start is reported with."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(f"{record.levelname}: {record.getMessage()}")
+
+
 @asynccontextmanager
 async def live_server(
-    app: Any, server: str = "uvicorn", options: ServerOptions | None = None
+    app: Any, server: str = "uvicorn", options: ServerOptions | None = None, **kw: Any,
 ) -> AsyncIterator[int]:
     """Serve `app` (already started) on a loopback port for the block; yields the port.
 
     The server gets the arguments serve_image/servers/ gives it for `options`,
-    but its logging: the test's own (caplog) stays as it is.
+    but its logging: the test's own (caplog) stays as it is. `kw` are
+    uvicorn_server's own (`sndbuf`, `startup_seconds`, ...), for uvicorn only.
     """
+    if server == "uvicorn":
+        async with uvicorn_server(app, options, **kw) as port:
+            yield port
+        return
     options = dataclasses.replace(options or ServerOptions(), port=free_port(), log_level="warning")
-    runner = uvicorn_server if server == "uvicorn" else granian_server
-    async with runner(app, options):
+    async with granian_server(app, options):
         await _until_listening(options.port)
         yield options.port
 
 
-async def _until_listening(port: int) -> None:
-    for _ in range(500):
+async def _until_listening(port: int, seconds: float = STARTUP_SECONDS) -> None:
+    deadline = time.monotonic() + seconds
+    while True:
         try:
             _, writer = await asyncio.open_connection("127.0.0.1", port)
         except OSError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"nothing listening on port {port} within {seconds:g} s") \
+                    from None
             await asyncio.sleep(0.01)
             continue
         writer.close()
         return
-    raise RuntimeError(f"nothing listening on port {port}")
 
 
 @asynccontextmanager
-async def uvicorn_server(app: Any, options: ServerOptions) -> AsyncIterator[None]:
+async def uvicorn_server(
+    app: Any, options: ServerOptions | None = None, *, port: int | None = None,
+    startup_seconds: float = STARTUP_SECONDS, sndbuf: int | None = None, **config: Any,
+) -> AsyncIterator[int]:
+    """uvicorn with the arguments `serve --server uvicorn` gives it, on a loopback port.
+
+    A server that has not started within `startup_seconds` fails the test
+    then, with uvicorn's output, instead of holding it to the suite's timeout.
+    `sndbuf`: the send buffer of each connection, in bytes. Linux grows a
+    loopback connection's to megabytes, so a server whose client stopped
+    reading may have most of a file sent already; a small one keeps it from
+    getting far ahead of the client. `config`: uvicorn.Config arguments over those.
+    """
     from serve_image.servers import uvicorn as chosen
 
-    config = {**chosen.config(options), "log_config": None}
-    server = uvicorn.Server(uvicorn.Config(app, lifespan="off", **config))
-    task = asyncio.create_task(server.serve())
-    for _ in range(500):
-        if server.started or task.done():
-            break
-        await asyncio.sleep(0.01)
-    if not server.started:
-        await task  # raises what made it fail
-        raise RuntimeError("uvicorn did not start")
+    options = dataclasses.replace(
+        options or ServerOptions(), port=port or free_port(),
+        log_level=config.pop("log_level", "warning"),
+    )
+    port = options.port
+    sockets = None
+    if sndbuf is not None:
+        # Accepted connections inherit the listening socket's buffer size.
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+        listener.bind(("127.0.0.1", port))
+        sockets = [listener]
+    arguments = {**chosen.config(options), "log_config": None, "lifespan": "off", **config}
+    server = uvicorn.Server(uvicorn.Config(app, **arguments))
+    output = _Output()
+    uvicorn_logger = logging.getLogger("uvicorn")
+    uvicorn_logger.addHandler(output)
+
+    async def serve() -> None:
+        try:
+            await server.serve(sockets)
+        except SystemExit as e:  # uvicorn's answer to a failed start; would stop the loop
+            raise RuntimeError(f"uvicorn exited with status {e.code}") from None
+
+    task = asyncio.create_task(serve())
     try:
-        yield
+        deadline = time.monotonic() + startup_seconds
+        # uvicorn has a flag, not an event, for "started": polled.
+        while True:
+            if server.started or task.done() or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.01)
+    finally:
+        uvicorn_logger.removeHandler(output)
+    if not server.started:
+        why = f"did not start within {startup_seconds:g} s"
+        if task.done():
+            error = task.exception() if not task.cancelled() else None
+            why = f"exited while starting ({error})"
+        else:
+            task.cancel()
+            await asyncio.wait({task}, timeout=5)
+        shown = "\n".join(output.lines) or "(no output)"
+        raise RuntimeError(f"uvicorn on port {port} {why}; its output:\n{shown}")
+    try:
+        yield port
     finally:
         server.should_exit = True
         await asyncio.wait_for(task, 30)
+        for listener in sockets or ():
+            listener.close()
 
 
 @asynccontextmanager
@@ -128,6 +217,60 @@ async def granian_server(app: Any, options: ServerOptions) -> AsyncIterator[None
         await asyncio.wait_for(task, 30)
 
 
+
+def start_serve(
+    args: list[str], log: Path, *, env: dict[str, str] | None = None,
+    prefix: list[str] | None = None, **popen: Any,
+) -> subprocess.Popen[bytes]:
+    """`serve-image ARGS` in a process of its own, its output in `log`."""
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [*(prefix or []), sys.executable, "-m", "serve_image", *args],
+            stdout=out, stderr=subprocess.STDOUT,
+            env={**(os.environ if env is None else env), "PYTHONUNBUFFERED": "1"}, **popen,
+        )
+
+
+def wait_serving(
+    proc: subprocess.Popen[bytes], port: int, log: Path,
+    seconds: float = PROCESS_STARTUP_SECONDS,
+) -> int:
+    """Poll /-/health until the server answers; its status (200, or 503 with no database).
+
+    Fails at once, with the server's output, when the process exits; after
+    `seconds` when it never answers.
+    """
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            return httpx.get(f"http://127.0.0.1:{port}/-/health", timeout=2).status_code
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None:
+            why = f"exited with {proc.returncode} while starting"
+            break
+        if time.monotonic() > deadline:
+            why = f"did not answer within {seconds:g} s"
+            break
+        time.sleep(0.05)
+    raise RuntimeError(
+        f"serve-image on port {port} {why}; its output:\n{log.read_text(errors='replace')}"
+    )
+
+
+def stop(proc: subprocess.Popen[bytes], seconds: float = 20) -> int:
+    """Terminate a server (SIGTERM, then SIGKILL after `seconds`); its exit status."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(seconds)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
+
 @contextmanager
 def serve_process(
     site: Path, server: str, log: Path, *, command: str = "serve", extra: Sequence[str] = (),
@@ -136,31 +279,15 @@ def serve_process(
     """`serve-image serve` (or `demo`) under `server`, its output in `log`, until its
     health check answers; yields the port, and stops it however the block ends."""
     port = free_port()
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "serve_image", command, "--site", str(site),
-             "--port", str(port), "--server", server, *extra],
-            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            preexec_fn=preexec_fn,
-        )
+    proc = start_serve([command, "--site", str(site), "--port", str(port), "--server", server,
+                        *extra], log, preexec_fn=preexec_fn)
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{server} did not start: {log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/-/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.05)
+        status = wait_serving(proc, port, log)
+        if status != 200:
+            raise RuntimeError(f"{server}: /-/health answered {status}: {log.read_text()[-3000:]}")
         yield port
     finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
 
 
 class RawClient:

@@ -1,4 +1,4 @@
-"""The test servers (MariaDB, PostgreSQL): their DSNs and database creation.
+"""The test servers (MariaDB, PostgreSQL): their DSNs, database creation, free ports.
 
 Shared by tests/conftest.py and the bench/ scripts; imports neither pytest
 nor httpx, so `scripts/bench` runs with the `bench` extra alone.
@@ -9,11 +9,19 @@ this machine's servers).
 from __future__ import annotations
 
 import os
+import socket
 from typing import Any
 from urllib.parse import urlsplit
 
 MYSQL_DSN = os.environ.get("SERVE_IMAGE_TEST_MYSQL", "mysql://root@127.0.0.1:3306")
 PGSQL_DSN = os.environ.get("SERVE_IMAGE_TEST_PGSQL", "postgresql://postgres@127.0.0.1:5432")
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def server_constants(backend: str) -> dict[str, Any]:

@@ -9,7 +9,6 @@ server, chunks of DBChunkSize bytes, deletes as `mtime = -ABS(mtime), expired = 
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -25,7 +24,7 @@ pytestmark = pytest.mark.mysql
 
 # eZ's DDL, with one change: `offset` is back-quoted. eZ wrote it bare, and
 # MariaDB 10.6+ (this suite runs on 10.11) refuses that: OFFSET became a
-# reserved word (see test_bare_offset_is_refused_by_current_mariadb).
+# reserved word (MariaDB's "Reserved Words" list).
 EZ_DDL = (
     """CREATE TABLE ezdbfile (
   datatype      VARCHAR(60)   NOT NULL DEFAULT 'application/octet-stream',
@@ -50,12 +49,6 @@ EZ_DDL = (
   CONSTRAINT ezdbfile_fk1 FOREIGN KEY (name_hash) REFERENCES ezdbfile (name_hash) ON DELETE CASCADE
 ) ENGINE=InnoDB""",
 )
-BARE_OFFSET_DDL = """CREATE TABLE ezdbfile_data_bare (
-  name_hash VARCHAR(34)   NOT NULL DEFAULT '',
-  offset    INT(11) UNSIGNED NOT NULL,
-  filedata  BLOB          NOT NULL,
-  PRIMARY KEY (name_hash, offset)
-) ENGINE=InnoDB"""
 
 DB_CHUNK_SIZE = 65535  # eZ's DBChunkSize
 IMG = "var/intranet/storage/images"
@@ -132,27 +125,60 @@ async def ez_client(ez_site: tuple[Settings, Any]) -> AsyncIterator[httpx.AsyncC
         yield c
 
 
-async def test_rows_are_as_ez_wrote_them(ez_site: tuple[Settings, Any]) -> None:
+async def _rows_of(cur: Any, name: str) -> tuple[Any, ...]:
+    """A file's row (name aside) and its chunks' offsets, lengths and digests."""
+    await cur.execute(
+        "SELECT datatype, name_trunk = name, name_hash = MD5(name), scope, size, mtime, expired "
+        "FROM ezdbfile WHERE name = %s", (name,),
+    )
+    row = await cur.fetchone()
+    await cur.execute(
+        "SELECT d.`offset`, LENGTH(d.filedata), MD5(d.filedata) FROM ezdbfile_data d "
+        "JOIN ezdbfile f ON f.name_hash = d.name_hash WHERE f.name = %s ORDER BY d.`offset`",
+        (name,),
+    )
+    return row, await cur.fetchall()
+
+
+@pytest.mark.parametrize(("name", "datatype", "data"), [
+    (PHOTO, "image/jpeg", PHOTO_DATA),
+    (MISC, "misc", b"\x00\x01binary\r\n\x1a'\\"),
+])
+async def test_serve_image_writes_the_rows_ez_writes(
+    ez_site: tuple[Settings, Any], name: str, datatype: str, data: bytes
+) -> None:
+    """The same file stored by serve-image under another name: the same row, the same chunks."""
+    from serve_image.cluster import ClusterFiles
+
+    copy = name.replace(f"{IMG}/", f"{IMG}/copies/")
+    async with ClusterFiles.open(ez_site[0]) as cluster:
+        await cluster.store_contents(copy, data, datatype=datatype, mtime=MTIME)
     async with ez_site[1].cursor() as cur:
-        await cur.execute(
-            "SELECT `offset`, LENGTH(filedata) FROM ezdbfile_data WHERE name_hash = %s "
-            "ORDER BY `offset`", (hashlib.md5(PHOTO.encode()).hexdigest(),),
-        )
-        assert await cur.fetchall() == ((0, 65535), (65535, 65535), (131070, 18930))
+        ez = await _rows_of(cur, name)
+        ours = await _rows_of(cur, copy)
+    assert ez[0] == (datatype, 1, 1, "image", len(data), MTIME, 0)
+    assert ours == ez
 
 
-async def test_bare_offset_is_refused_by_current_mariadb(ez_site: tuple[Settings, Any]) -> None:
-    import pymysql
+async def test_management_reads_the_rows_ez_wrote(ez_site: tuple[Settings, Any]) -> None:
+    from serve_image.storage import StoredFile, make_layout, name_hash
 
-    async with ez_site[1].cursor() as cur:
-        await cur.execute("SELECT VERSION()")
-        (version,) = await cur.fetchone()
-        major, minor = (int(x) for x in version.split(".")[:2])
-        if "MariaDB" not in version or (major, minor) < (10, 6):
-            pytest.skip(f"OFFSET is reserved from MariaDB 10.6; this is {version}")
-        with pytest.raises(pymysql.err.ProgrammingError) as e:
-            await cur.execute(BARE_OFFSET_DDL)
-    assert e.value.args[0] == 1064  # ER_PARSE_ERROR
+    b = make_layout(ez_site[0], readonly=True)
+    await b.connect()
+    try:
+        listed = [f async for f in b.list_files(f"{IMG}/news/", include_deleted=True)]
+        live = [f.name async for f in b.list_files(IMG)]
+        broken = [f async for f in b.verify()]
+    finally:
+        await b.close()
+    assert listed == [
+        StoredFile(name=PHOTO, name_hash=name_hash(PHOTO), datatype="image/jpeg",
+                   scope="image", size=150_000, mtime=MTIME, expired=False),
+        StoredFile(name=GONE, name_hash=name_hash(GONE), datatype="image/png", scope="image",
+                   size=8, mtime=-MTIME, expired=True),
+    ]
+    assert GONE not in live and PHOTO in live and MISC in live
+    assert broken == []
 
 
 async def test_chunked_file_is_served_exactly(ez_client: httpx.AsyncClient) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import email
 import email.policy
@@ -302,17 +303,113 @@ async def test_if_match_412_reads_no_chunk(
     assert (await client.get(URL, headers={"If-Match": etag})).content == stored
 
 
-async def test_if_unmodified_since_412(stored: bytes, client: httpx.AsyncClient) -> None:
+async def test_if_unmodified_since_412_reads_no_chunk(
+    stored: bytes, client: httpx.AsyncClient, spy: SpyLayout
+) -> None:
     r = await client.get(URL, headers={"If-Unmodified-Since": http_date(MTIME - 1)})
-    assert r.status_code == 412
+    assert (r.status_code, r.text) == (412, "412 Precondition Failed\n")
+    assert spy.chunk_reads == 0
     r = await client.get(URL, headers={"If-Unmodified-Since": http_date(MTIME)})
-    assert r.status_code == 200
+    assert (r.status_code, r.content) == (200, stored)
 
 
-async def test_head_304(stored: bytes, client: httpx.AsyncClient) -> None:
+async def test_head_304_has_the_validators_and_reads_no_chunk(
+    stored: bytes, client: httpx.AsyncClient, spy: SpyLayout
+) -> None:
     etag = await etag_of(client)
+    spy.reset()
     r = await client.head(URL, headers={"If-None-Match": etag})
     assert r.status_code == 304
+    assert r.content == b""
+    assert r.headers["etag"] == etag
+    assert r.headers["cache-control"] == "public, max-age=6000"
+    assert "expires" in r.headers
+    assert "content-length" not in r.headers
+    assert "content-type" not in r.headers
+    assert spy.chunk_reads == 0
+
+
+# -- many requests at once ---------------------------------------------------------
+# Requests that arrive together share reads of the file rows: those of a 304,
+# a 412 or a HEAD must still bring no chunk byte.
+
+OTHERS = [f"{IMG}/other-{i}.bin" for i in range(5)]
+AT_ONCE = 24
+
+
+@pytest.fixture
+async def several(stored: bytes, writer: Layout) -> list[str]:
+    """URLs of six stored files, all dated MTIME: the multi-chunk one, five of one chunk."""
+    for i, name in enumerate(OTHERS):
+        await store(writer, name, payload(900, seed=i), datatype="image/png", mtime=MTIME)
+    return [URL, *(f"/{n}" for n in OTHERS)]
+
+
+async def at_once(
+    client: httpx.AsyncClient, method: str, urls: list[str], headers: dict[str, str]
+) -> list[httpx.Response]:
+    return await asyncio.gather(*(
+        client.request(method, urls[i % len(urls)], headers=headers) for i in range(AT_ONCE)
+    ))
+
+
+async def test_concurrent_gets_count_their_shared_chunk_reads(
+    several: list[str], client: httpx.AsyncClient, spy: SpyLayout
+) -> None:
+    """The spy sees the reads requests share: without them every test below is hollow."""
+    rs = await at_once(client, "GET", several[1:], {})
+    assert [r.status_code for r in rs] == [200] * AT_ONCE
+    assert [r.content for r in rs] == [payload(900, seed=i % 5) for i in range(AT_ONCE)]
+    assert len(spy.calls) < AT_ONCE  # reads were shared
+    assert spy.chunk_reads == len(spy.calls)  # and each of them brought chunk bytes
+
+
+async def test_concurrent_304s_read_no_chunk(
+    several: list[str], client: httpx.AsyncClient, spy: SpyLayout
+) -> None:
+    rs = await at_once(client, "GET", several, {"If-Modified-Since": http_date(MTIME)})
+    assert [r.status_code for r in rs] == [304] * AT_ONCE
+    assert {r.content for r in rs} == {b""}
+    assert {r.headers["cache-control"] for r in rs} == {"public, max-age=6000"}
+    assert all("content-length" not in r.headers for r in rs)
+    assert len(spy.calls) < AT_ONCE
+    assert spy.chunk_reads == 0
+
+
+async def test_concurrent_head_304s_read_no_chunk(
+    several: list[str], client: httpx.AsyncClient, spy: SpyLayout
+) -> None:
+    etag = await etag_of(client)
+    spy.reset()
+    rs = await at_once(client, "HEAD", [URL], {"If-None-Match": etag})
+    assert [(r.status_code, r.content, r.headers["etag"]) for r in rs] == [
+        (304, b"", etag)] * AT_ONCE
+    assert spy.chunk_reads == 0
+
+
+async def test_concurrent_heads_read_no_chunk(
+    several: list[str], client: httpx.AsyncClient, spy: SpyLayout
+) -> None:
+    rs = await at_once(client, "HEAD", several, {})
+    assert [r.status_code for r in rs] == [200] * AT_ONCE
+    assert {r.content for r in rs} == {b""}
+    assert [r.headers["content-length"] for r in rs] == [
+        "10000" if i % 6 == 0 else "900" for i in range(AT_ONCE)]
+    assert len(spy.calls) < AT_ONCE
+    assert spy.chunk_reads == 0
+
+
+@pytest.mark.parametrize("condition", [
+    {"If-Match": '"other"'},
+    {"If-Unmodified-Since": http_date(MTIME - 1)},
+])
+async def test_concurrent_412s_read_no_chunk(
+    several: list[str], client: httpx.AsyncClient, spy: SpyLayout, condition: dict[str, str]
+) -> None:
+    rs = await at_once(client, "GET", several, condition)
+    assert [(r.status_code, r.text) for r in rs] == [(412, "412 Precondition Failed\n")] * AT_ONCE
+    assert len(spy.calls) < AT_ONCE
+    assert spy.chunk_reads == 0
 
 
 # -- per-site switches -----------------------------------------------------------

@@ -2,15 +2,22 @@
 
 On a replica LiteFS keeps `.primary` (the primary's hostname) beside the
 database and applies the primary's transactions to the file underneath the
-processes reading it.
+processes reading it. Here the file is made read-only (mode 0444) and the
+primary's writes come from the test process. Root ignores file modes, so
+when the suite runs as root the server process is started without the
+capabilities that let it (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER):
+for it too the file is then read-only, as on a LiteFS replica.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import shutil
+import sqlite3
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -20,7 +27,8 @@ import pytest
 from serve_image.cli import main
 from serve_image.settings import Settings, load_site
 from serve_image.storage import DatabaseUnavailable, Layout, make_layout
-from tests.helpers import IMG, free_port, payload, store
+from tests.helpers import IMG, free_port, md5, payload, store
+from tests.live import start_serve, stop, wait_serving
 
 MTIME = 1_700_000_000
 
@@ -87,6 +95,16 @@ async def test_init_db_on_the_primary_creates_the_tables(
     # No `.primary`: this node is the primary (or LiteFS is not in use).
     assert await run_cli("init-db", "--site", str(node)) == 0
     assert capsys.readouterr().out == f"tables ready in sqlite:{node.parent / 'cluster.db'}\n"
+    with contextlib.closing(sqlite3.connect(node.parent / "cluster.db")) as db:
+        tables = db.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name").fetchall()
+        columns = {t: [c[1] for c in db.execute(f"PRAGMA table_info({t})")]
+                   for (t,) in tables}
+    assert columns == {
+        "ezdbfile": ["datatype", "name", "name_trunk", "name_hash", "scope", "size", "mtime",
+                     "expired"],
+        "ezdbfile_data": ["name_hash", "offset", "filedata"],
+    }
 
 
 async def test_prune_local_runs_on_a_replica(
@@ -102,43 +120,52 @@ async def test_prune_local_runs_on_a_replica(
 
 
 async def test_the_endpoints_connection_cannot_write(node: Path, primary: Layout) -> None:
-    reader = make_layout(make_replica(node), readonly=True)
+    """Read-only by itself: on a file this process may write, the endpoint's connection may not."""
+    await store(primary, f"{IMG}/a.jpg", b"kept", mtime=MTIME)
+    settings = load_site(str(node))
+    assert os.access(settings.database, os.W_OK)  # the refusal below is serve-image's own
+    reader = make_layout(settings, readonly=True)
     await reader.connect()
     try:
+        meta = await reader.meta(md5(f"{IMG}/a.jpg"))
         with pytest.raises(DatabaseUnavailable, match="attempt to write a readonly database"):
             await reader.driver.execute("DELETE FROM ezdbfile")
     finally:
         await reader.close()
+    assert meta is not None and meta.size == 4
+    with contextlib.closing(sqlite3.connect(settings.database)) as db:
+        assert db.execute("SELECT COUNT(*) FROM ezdbfile").fetchall() == [(1,)]
+
+
+def without_root_powers() -> list[str]:
+    """A command prefix that makes file modes bind a root process too (empty when not root)."""
+    if os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")  # util-linux
+    assert setpriv is not None, "running as root, and no setpriv to drop CAP_DAC_OVERRIDE"
+    return [setpriv, "--bounding-set", "-dac_override,-dac_read_search,-fowner", "--"]
 
 
 @pytest.fixture
 def replica_server(node: Path, primary: Layout) -> Iterator[str]:
-    """A real `serve-image serve` on the replica's read-only database file."""
-    make_replica(node)
+    """A real `serve-image serve` on the replica's database file, which it cannot write."""
+    settings = make_replica(node)
+    prefix = without_root_powers()
+    # The simulation holds: with the server's privileges the file cannot be opened to write.
+    probe = subprocess.run(
+        [*prefix, sys.executable, "-c", f"open({settings.database!r}, 'r+b')"],
+        capture_output=True, text=True, check=False,
+    )
+    assert probe.returncode == 1 and "PermissionError" in probe.stderr, probe.stderr
     port = free_port()
     log = node.parent / "server.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "serve_image", "serve", "--site", str(node),
-             "--port", str(port), "--log-level", "warning"],
-            stdout=out, stderr=subprocess.STDOUT,
-        )
-    base = f"http://127.0.0.1:{port}"
+    proc = start_serve(["serve", "--site", str(node), "--port", str(port),
+                        "--log-level", "warning"], log, prefix=prefix)
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                if httpx.get(f"{base}/-/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline or proc.poll() is not None:
-                pytest.fail(f"server did not start: {log.read_text()}")
-            time.sleep(0.1)
-        yield base
+        assert wait_serving(proc, port, log) == 200
+        yield f"http://127.0.0.1:{port}"
     finally:
-        proc.terminate()
-        proc.wait(10)
+        stop(proc)
 
 
 async def test_running_endpoint_serves_a_file_written_after_start_up(

@@ -25,6 +25,7 @@ from serve_image.commands.local import prune
 from serve_image.settings import Settings, SiteConfigError, load_site
 from serve_image.storage import Layout
 from tests.helpers import IMG, md5, payload, running, store
+from tests.live import call
 
 MTIME = 1_700_000_000
 sqlite_only = pytest.mark.parametrize("backend_name", ["sqlite"])
@@ -138,7 +139,12 @@ async def test_reader_never_sees_a_partial_copy(
         async with serving(settings, root) as (app, client):
             r = await client.get(f"/{IMG}/big.bin")
             await drain(app)
-            await asyncio.sleep(0.05)  # let the poller read the finished copy too
+            # The poller reads the finished copy too.
+            read_before = len(seen)
+            deadline = time.monotonic() + 60
+            while len(seen) == read_before:
+                assert time.monotonic() < deadline, "the poller never read the finished copy"
+                await asyncio.sleep(0.001)
     finally:
         done.set()
         poller.join()
@@ -164,6 +170,38 @@ async def test_replaced_file_is_copied_again(
     assert target.read_bytes() == new
     assert target.stat().st_mtime == MTIME + 60
     assert localfs.read_ledger(str(root)) == 1200  # the old copy's 900 bytes given back
+
+
+@pytest.mark.parametrize(("size", "how"), [(700, "handed over"), (2500, "read again")])
+async def test_copy_of_a_file_replaced_before_it_is_made_is_the_version_served_or_none(
+    settings: Settings, writer: Layout, root: Path, caplog: pytest.LogCaptureFixture,
+    size: int, how: str,
+) -> None:
+    """The file is replaced as its last byte goes out, before the copy is queued. A small
+    file's bytes are handed to the copy as served, and that copy is taken away again once
+    its row is found moved on; a larger one is read again, finds the row changed, and no
+    copy is made: never the new bytes under the old version, nor an outdated copy."""
+    name = f"{IMG}/a.jpg"
+    old, new = payload(size, seed=1), payload(size + 1, seed=2)
+    await store(writer, name, old, mtime=MTIME)
+
+    async def replace_at_the_end(_: int, more: bool) -> None:
+        if not more:
+            await store(writer, name, new, mtime=MTIME + 60)
+
+    with caplog.at_level(logging.WARNING, logger="serve_image.localcopy"):
+        async with serving(settings, root) as (app, _):
+            status, _, body, _ = await call(app, f"/{name}".encode(),
+                                            on_body=replace_at_the_end)
+            await drain(app)
+    assert (status, body) == (200, old)
+    assert files_under(root) == [localfs.LEDGER]
+    assert localfs.read_ledger(str(root)) == 0  # the reservation given back
+    if how == "handed over":
+        assert caplog.messages == []
+    else:
+        assert caplog.messages == [
+            f"local copy refused: {name}: file replaced, deleted or missing chunks"]
 
 
 # -- the budget -------------------------------------------------------------------

@@ -7,10 +7,13 @@ import dataclasses
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -19,8 +22,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from serve_image.app import ServeImage
 from serve_image.settings import Settings, settings_from_mapping
 from serve_image.storage import Layout
-from tests.helpers import IMG, free_port, payload, running, store
-from tests.live import SERVER_NAMES, call
+from tests.helpers import IMG, Locker, free_port, payload, running, store
+from tests.live import SERVER_NAMES, call, start_serve, stop, wait_serving
 
 DATA = payload(2500, seed=3)
 A = f"/{IMG}/a.jpg"
@@ -73,6 +76,44 @@ async def test_json_access_log_one_line_per_request(
     assert {x["db_host"] for x in lines} == {host}
     assert {x["backend"] for x in lines} == {settings.backend}
     assert all(x["complete"] is True and x["duration_ms"] >= 0 for x in lines)
+
+
+@pytest.mark.parametrize("observed", [{"access_log": "json"}], indirect=True)
+async def test_access_log_duration_is_milliseconds_to_the_last_byte(
+    observed: tuple[ServeImage, httpx.AsyncClient], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client that takes its last bytes 0.2 s late: the line says at least 200 ms, and
+    no more than the test saw from outside."""
+    app, _ = observed
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+             "method": "GET", "scheme": "http", "path": A, "raw_path": A.encode(),
+             "root_path": "", "query_string": b"", "headers": [],
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+    asked = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal asked
+        if asked:
+            await asyncio.Event().wait()  # never disconnects
+        asked = True
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    body = bytearray()
+
+    async def send(message: dict[str, Any]) -> None:
+        body.extend(message.get("body", b""))
+        if message["type"] == "http.response.body" and not message.get("more_body"):
+            await asyncio.sleep(0.2)
+
+    with caplog.at_level(logging.INFO, "serve_image.access"):
+        started = time.perf_counter()
+        await app(scope, receive, send)
+        outside_ms = (time.perf_counter() - started) * 1000
+    [entry] = [json.loads(line) for line in access_lines(caplog)]
+    assert bytes(body) == DATA
+    assert (entry["status"], entry["bytes"], entry["complete"]) == (200, len(DATA), True)
+    assert 200 <= entry["duration_ms"] <= outside_ms
+
 
 
 @pytest.mark.parametrize("observed", [{"access_log": "json"}], indirect=True)
@@ -257,6 +298,166 @@ async def test_metrics_and_access_log_over_several_workers(tmp_path: Path, serve
     # ACCESS_LOG is the access log: the server's own stays off, even at --log-level info.
     assert "database pools closed" in log
     assert "HTTP/1.1\" 200" not in log
+
+
+def by_pid(directory: Path, kind: str, name: str, labels: dict[str, str]) -> dict[int, float]:
+    """One sample as each worker wrote it in the multiprocess directory: pid -> value.
+
+    `kind`: the files' prefix, "counter" or "gauge_livesum".
+    """
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    out = {}
+    for path in directory.glob(f"{kind}_*.db"):
+        pid = int(path.stem.rsplit("_", 1)[1])
+        values = [s.value for m in MultiProcessCollector.merge([str(path)])  # type: ignore[no-untyped-call]
+                  for s in m.samples if s.name == name and s.labels == labels]
+        out[pid] = sum(values)
+    return out
+
+
+def live_workers(directory: Path) -> set[int]:
+    """Workers whose gauges are in the directory (each writes its host_up at start-up)."""
+    return {int(p.stem.rsplit("_", 1)[1]) for p in directory.glob("gauge_livemin_*.db")}
+
+
+async def until(check: Any, what: str, seconds: float = 60) -> Any:
+    """Poll `check()` (sync, run in a thread) until it returns something true."""
+    deadline = time.monotonic() + seconds
+    while True:
+        got = await asyncio.to_thread(check)
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {seconds:g} s")
+        await asyncio.sleep(0.05)
+
+
+@pytest.mark.parametrize("backend_name", ["mysql", "pgsql"])
+async def test_metrics_add_up_over_several_workers_and_forget_a_killed_one(
+    settings: Settings, writer: Layout, tmp_path: Path
+) -> None:
+    """Two uvicorn workers on [a server down, this machine's]: every scrape, whichever
+    worker answers it, adds up both; a worker killed mid-query leaves its counts in the
+    totals and takes its gauges with it."""
+    await store(writer, A[1:], DATA)
+    dead = f"127.0.0.1:{free_port()}"
+    live = f"{settings.host}:{settings.port}"
+    site = tmp_path / "workers.py"
+    constants = {
+        "STORAGE_BACKEND": settings.backend, "STORAGE_USER": settings.user,
+        "STORAGE_PASS": settings.password, "STORAGE_DB": settings.database,
+        "STORAGE_HOSTS": [dead, live], "STORAGE_CHUNK_SIZE": 1000,
+        "METRICS_PATH": "/-/metrics",
+        # The dead server stays put aside, and a read blocked on a lock stays blocked.
+        "STORAGE_RETRY_INTERVAL": 600, "STORAGE_QUERY_TIMEOUT": 600,
+    }
+    site.write_text("".join(f"{k} = {v!r}\n" for k, v in constants.items()))
+    metrics_dir = tmp_path / "metrics"  # the test's own: serve-image uses it as it is
+    metrics_dir.mkdir()
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    log = tmp_path / "log"
+    proc = start_serve(["serve", "--site", str(site), "--port", str(port), "--workers", "2"],
+                       log, env=env)
+    ok = 0  # 200s answered so far; each is counted by the worker that answered it
+    requests_200 = ("serve_image_requests_total", {"status": "200"})
+
+    def answered() -> dict[int, float]:
+        return {p: n for p, n in by_pid(metrics_dir, "counter", *requests_200).items() if n}
+
+    async def scrape() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        nonlocal ok
+        async with httpx.AsyncClient() as c:
+            r = await c.get(f"{base}/-/metrics")
+        assert r.status_code == 200
+        ok += 1
+        return samples(r.text)
+
+    async def settled() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        """A scrape once every earlier 200 is counted (a worker counts after the last byte)."""
+        for _ in range(200):
+            expected = ok
+            m = await scrape()
+            if m[("serve_image_requests_total", (("status", "200"),))] == expected:
+                return m
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"the 200s never added up to {ok}: {m}")
+
+    locker = Locker(settings.backend, settings)
+    try:
+        assert await asyncio.to_thread(wait_serving, proc, port, log) == 200
+        ok += 1
+        workers = await until(lambda: len(live_workers(metrics_dir)) == 2 and
+                              live_workers(metrics_dir), "two workers started")
+        # A new connection for each request, until both workers have answered some.
+        for _ in range(500):
+            async with httpx.AsyncClient() as c:
+                r = await c.get(f"{base}{A}")
+            assert (r.status_code, r.content) == (200, DATA)
+            ok += 1
+            if len(answered()) == 2:
+                break
+        assert set(answered()) == workers  # two processes answered
+
+        m = await settled()
+        # Per worker, the same 200s (the last scrape's own once its worker counts it).
+        await until(lambda: sum(answered().values()) == ok, f"the workers' 200s adding up to {ok}")
+        host = {h: (("host", h),) for h in (dead, live)}
+        # Each worker put the dead server aside at start-up; both use the live one.
+        assert m[("serve_image_db_host_up", host[dead])] == 0
+        assert m[("serve_image_db_host_up", host[live])] == 1
+        assert m[("serve_image_db_connections_in_use", host[live])] == 0
+        assert m[("serve_image_db_connections_waiting", host[live])] == 0
+
+        # A read held by a lock: its worker holds a connection until it is killed.
+        await locker.lock()
+
+        async def stuck_get() -> None:
+            async with httpx.AsyncClient(timeout=600) as c:
+                await c.get(f"{base}{A}")
+
+        stuck = asyncio.create_task(stuck_get())
+        await locker.wait_blocked()
+        m = await scrape()
+        assert m[("serve_image_db_connections_in_use", host[live])] == 1
+        in_use = by_pid(metrics_dir, "gauge_livesum",
+                        "serve_image_db_connections_in_use", {"host": live})
+        [victim] = [pid for pid, n in in_use.items() if n == 1]
+        os.kill(victim, signal.SIGKILL)
+        with pytest.raises(httpx.TransportError):
+            await stuck
+        await locker.unlock()
+
+        # uvicorn starts a worker in its place (the supervisor checks every 0.5 s).
+        workers = await until(
+            lambda: (w := live_workers(metrics_dir) - {victim}) and len(w) == 2 and w,
+            "a new worker in the killed one's place")
+        m = await scrape()
+        assert not list(metrics_dir.glob(f"gauge_live*_{victim}.db"))
+        assert live_workers(metrics_dir) == workers
+        assert m[("serve_image_db_connections_in_use", host[live])] == 0
+        assert m[("serve_image_db_host_up", host[dead])] == 0
+        assert m[("serve_image_db_host_up", host[live])] == 1
+        async with httpx.AsyncClient() as c:
+            r = await c.get(f"{base}{A}")
+        assert (r.status_code, r.content) == (200, DATA)
+        ok += 1
+        # The killed worker's 200s still count; the request it died on never got one.
+        m = await settled()
+        assert answered()[victim] > 0
+    finally:
+        await locker.unlock()
+        code = await asyncio.to_thread(stop, proc)
+    output = log.read_text()
+    assert code == 0, output
+    assert f"Child process [{victim}] died" in output
+    # ACCESS_LOG is the access log: uvicorn's own stays off, even at --log-level info.
+    assert "Application startup complete" in output
+    assert f"GET {A}" not in output
+    assert "GET /-/metrics" not in output
+
 
 
 @pytest.mark.parametrize(("extra", "message"), [

@@ -17,7 +17,7 @@ from serve_image.settings import Settings, SiteConfigError, settings_from_mappin
 from serve_image.storage import Layout, make_layout
 from serve_image.storage.layouts.largeobject import LargeObjectLayout
 from tests.conftest import DatabaseFactory
-from tests.helpers import IMG, md5, payload, split
+from tests.helpers import IMG, SpyLayout, md5, payload, running, split
 
 pytestmark = pytest.mark.pgsql
 
@@ -154,11 +154,24 @@ async def test_suffix_range_is_the_last_bytes(lob_client: httpx.AsyncClient) -> 
     assert r.content == BIG_DATA[-1500:]
 
 
-async def test_head_has_headers_and_no_body(lob_client: httpx.AsyncClient) -> None:
-    r = await lob_client.head(f"/{BIG}")
+async def test_head_has_headers_and_no_body_and_reads_no_piece(lob_settings: Settings) -> None:
+    spy = SpyLayout(make_layout(lob_settings, readonly=True))
+    async with running(ServeImage(lob_settings, layout=spy)) as client:
+        r = await client.head(f"/{BIG}")
+        heads = await asyncio.gather(*(client.head(f"/{BIG}") for _ in range(8)))
+        get = await client.get(f"/{BIG}", headers={"Range": "bytes=0-9"})
     assert r.status_code == 200
     assert r.headers["content-length"] == str(len(BIG_DATA))
+    assert r.headers["content-type"] == "image/jpeg"
     assert r.content == b""
+    assert [(h.status_code, h.content) for h in heads] == [(200, b"")] * 8
+    assert (get.status_code, get.content) == (206, BIG_DATA[:10])
+    # The nine HEADs read rows only (the eight at once share queries: batching.py);
+    # the range read its row, then its piece, which the spy sees.
+    assert spy.calls[0] == "meta"
+    assert set(spy.calls[1:-2]) <= {"meta", "meta_many"}
+    assert spy.calls[-2:] == ["meta", "fetch_chunks"]
+    assert spy.chunk_reads == 1
 
 
 async def test_missing_file_is_404(lob_client: httpx.AsyncClient) -> None:

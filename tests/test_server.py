@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +14,7 @@ from serve_image.conditional import http_date
 from serve_image.settings import load_site
 from serve_image.storage import make_layout
 from tests.helpers import IMG, free_port, payload, store
-from tests.live import SERVER_NAMES
+from tests.live import SERVER_NAMES, start_serve, stop, wait_serving
 
 MTIME = 1_700_000_000
 BIG = payload(3 * 1024 * 1024 + 5, seed=9)
@@ -52,28 +50,13 @@ def site_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def server(site_file: Path, request: pytest.FixtureRequest) -> Iterator[Server]:
     port = free_port()
     log = site_file.parent / f"server-{request.param}.log"
-    log_file = log.open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "serve_image", "serve", "--site", str(site_file),
-         "--port", str(port), "--server", request.param],
-        stdout=log_file,
-        stderr=subprocess.STDOUT,
-    )
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/-/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    else:
-        proc.kill()
-        log_file.close()
-        pytest.fail(f"server did not start: {log.read_text()}")
-    yield Server(site_file, port, proc, log)
-    proc.terminate()
-    proc.wait(10)
-    log_file.close()
+    proc = start_serve(["serve", "--site", str(site_file), "--port", str(port),
+                        "--server", request.param], log)
+    try:
+        assert wait_serving(proc, port, log) == 200
+        yield Server(site_file, port, proc, log)
+    finally:
+        stop(proc)
 
 
 def curl(*args: str) -> subprocess.CompletedProcess[bytes]:

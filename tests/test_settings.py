@@ -151,11 +151,33 @@ def test_missing_site_file(tmp_path: Path) -> None:
         load_site("nope")
 
 
-def test_password_never_in_errors() -> None:
+@pytest.mark.parametrize(("values", "message"), [
+    # The password itself, of the wrong type.
+    ({"STORAGE_PASS": b"hunter2"}, "s.py: STORAGE_PASS must be a string"),
+    ({"STORAGE_PASS": ["hunter2"]}, "s.py: STORAGE_PASS must be a string"),
+    # The password under a misspelt name.
+    ({"STORAGE_PASSWORD": "hunter2"},
+     "s.py: STORAGE_PASSWORD is not a setting serve-image knows: did you mean STORAGE_PASS?"),
+    # The password written into a host, as in a DSN. Regression: the
+    # STORAGE_HOSTS error repeated the entry, password and all.
+    ({"STORAGE_BACKEND": "mysql", "STORAGE_HOSTS": ["root:hunter2@db1:3306"]},
+     "s.py: STORAGE_HOSTS entries must not hold a user or password: "
+     "set STORAGE_USER and STORAGE_PASS"),
+    ({"STORAGE_BACKEND": "mysql", "STORAGE_HOSTS": [{"host": "root:hunter2@db1"}]},
+     "s.py: STORAGE_HOSTS entries must not hold a user or password: "
+     "set STORAGE_USER and STORAGE_PASS"),
+    ({"STORAGE_BACKEND": "pgsql", "STORAGE_HOSTS": [{"host": "db1", "pass": "hunter2"}]},
+     "s.py: STORAGE_HOSTS entries may have host, port and socket, not ['pass']"),
+    # Regression: STORAGE_HOST took any string, and describe() put it in every log line.
+    ({"STORAGE_BACKEND": "pgsql", "STORAGE_HOST": "postgres:hunter2@db1"},
+     "s.py: STORAGE_HOST must not hold a user or password: set STORAGE_USER and STORAGE_PASS"),
+])
+def test_invalid_password_bearing_settings_never_show_the_password(
+    values: dict[str, object], message: str
+) -> None:
     with pytest.raises(SiteConfigError) as e:
-        settings_from_mapping(
-            {"STORAGE_PASS": "hunter2", "STORAGE_DB": "x", "STORAGE_CHUNK_SIZE": -1}, "s.py"
-        )
+        settings_from_mapping({"STORAGE_DB": "x", **values}, "s.py")
+    assert str(e.value) == message
     assert "hunter2" not in str(e.value)
 
 
