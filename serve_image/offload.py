@@ -9,9 +9,10 @@ Pure rules, no I/O:
   and cuts it at `?` (ngx_http_parse_unsafe_uri), so the name goes
   percent-encoded.
 - Apache with mod_xsendfile, `OFFLOAD = "x-sendfile"`: a 200 carries
-  `X-Sendfile: <absolute path on the mount>`; `XSendFilePath` allows the
-  mount. mod_xsendfile url-decodes the value (XSendFileUnescape, on by
-  default), so the path goes percent-encoded too.
+  `X-Sendfile: <absolute path on the mount>`, as it is (UTF-8); `XSendFilePath`
+  allows the mount. Debian's mod_xsendfile (0.12) takes the value as a path;
+  1.0 url-decodes it unless `XSendFileUnescape Off`, which the snippet sets
+  where the directive exists (a name may hold a `%`).
 
 serve-image still answers 404, 503, 304, 412 and 416 itself, from the row
 (and a check of the mount). The 200 it sends up has `Content-Length: 0`,
@@ -61,5 +62,5 @@ class Offload:
     def field(self, name: str, path: str) -> tuple[bytes, bytes]:
         """The response header for the file `name`, at `path` on this node."""
         if self.prefix is None:
-            return self.header, quote(path, safe="/").encode("ascii")
+            return self.header, path.encode("utf-8")
         return self.header, (self.prefix + quote(name, safe="/")).encode("ascii")
