@@ -95,7 +95,7 @@ async def dfs_settings(
     **extra: Any,
 ) -> Settings:
     """A DFS site on a new database of `backend`, its tables made by eZ's own DDL."""
-    mount.mkdir(parents=True, exist_ok=True)
+    mount.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - test set-up, local disk
     values = await databases.constants(backend, STORAGE_LAYOUT="dfs",
                                        DFS_MOUNT_POINT=str(mount), **extra)
     settings = settings_from_mapping(values, f"<test dfs {backend}>", "dfs")

@@ -30,7 +30,7 @@ MTIME = 1_650_000_000
 async def site_file(databases: DatabaseFactory, backend: str, path: Path,
                     **extra: Any) -> Settings:
     constants = await databases.constants(backend, **extra)
-    path.write_text("".join(f"{k} = {v!r}\n" for k, v in constants.items()))
+    path.write_text("".join(f"{k} = {v!r}\n" for k, v in constants.items()))  # noqa: ASYNC240
     settings = load_site(str(path))
     layout = make_layout(settings)
     await layout.connect()
@@ -115,10 +115,11 @@ async def test_an_interrupted_copy_leaves_nothing_half_written_and_finishes_next
     files = {f"{IMG}/big/{i:02d}.bin": payload(400_000 + i, i) for i in range(48)}
     await fill(chunks, files)
 
-    with open(tmp_path / "copy.log", "wb") as log:
-        proc = subprocess.Popen(cli_command("copy", "--from", tmp_path / "chunks.py", "--to",
-                                            tmp_path / "dfs.py", "--jobs", "2", "--quiet"),
-                                stdout=log, stderr=subprocess.STDOUT)
+    with open(tmp_path / "copy.log", "wb") as log:  # noqa: ASYNC230 - a log for the subprocess
+        proc = subprocess.Popen(  # noqa: ASYNC220 - killed below, never awaited
+            cli_command("copy", "--from", tmp_path / "chunks.py", "--to", tmp_path / "dfs.py",
+                        "--jobs", "2", "--quiet"),
+            stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 60
         while True:

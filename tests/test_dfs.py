@@ -53,7 +53,7 @@ async def site(request: pytest.FixtureRequest, databases: DatabaseFactory,
     s = _shared[backend]
     async with connected(s) as layout:
         await layout.driver.execute("DELETE FROM ezdfsfile")
-    for child in Path(str(s.dfs_mount_point)).iterdir():
+    for child in Path(str(s.dfs_mount_point)).iterdir():  # noqa: ASYNC240 - set-up
         if child.is_dir() and not child.is_symlink():
             shutil.rmtree(child)
         else:
@@ -274,7 +274,8 @@ async def test_a_file_changed_in_place_is_never_mixed(site: Settings, writer: La
         assert meta is not None
         pieces = layout.read(meta, 0, meta.size - 1)
         assert await anext(pieces) == payload(2 * READ_BYTES, 1)[:READ_BYTES]
-        with open(mount / name, "r+b") as f:  # not eZ's way: rewritten in place
+        # Not eZ's way: rewritten in place.
+        with open(mount / name, "r+b") as f:  # noqa: ASYNC230
             f.write(b"\0" * 10)
         with pytest.raises(StreamAborted, match="replaced on the mount"):
             await anext(pieces)

@@ -141,7 +141,7 @@ async def stack(request: pytest.FixtureRequest,
     # Not under pytest's tmp_path: the servers' workers (nobody, www-data) must
     # read the mount, and cannot enter /tmp/pytest-of-root (0700).
     root = Path(tempfile.mkdtemp(prefix="serve-image-offload-"))
-    root.chmod(0o755)
+    root.chmod(0o755)  # noqa: ASYNC240 - set-up
     procs: list[subprocess.Popen[bytes]] = []
     try:
         (root / "mount").mkdir(mode=0o755)
@@ -160,10 +160,9 @@ async def stack(request: pytest.FixtureRequest,
             await ez_row(layout, f"{IMG}/link.jpg", 7)
         (root / "outside.txt").write_bytes(b"secret!")
         (root / "mount" / IMG / "link.jpg").symlink_to(root / "outside.txt")
-        urls = {
-            "nginx": f"http://127.0.0.1:{_nginx(root, settings, _serve(root, accel, procs), procs)}",
-            "apache": f"http://127.0.0.1:{_apache(root, sendfile, _serve(root, sendfile, procs), procs)}",
-        }
+        nginx = _nginx(root, settings, _serve(root, accel, procs), procs)
+        apache = _apache(root, sendfile, _serve(root, sendfile, procs), procs)
+        urls = {"nginx": f"http://127.0.0.1:{nginx}", "apache": f"http://127.0.0.1:{apache}"}
         yield Stack(root, urls, settings)
     finally:
         for p in reversed(procs):
