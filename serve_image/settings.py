@@ -117,7 +117,8 @@ class Settings:
         if self.backend == "sqlite":
             return f"sqlite:{self.database}"
         where = ",".join(h.label for h in self.hosts)
-        return f"{self.backend}://{self.user}@{where}/{self.database}"
+        mount = f" + {self.dfs_mount_point}" if self.dfs_mount_point else ""
+        return f"{self.backend}://{self.user}@{where}/{self.database}{mount}"
 
     def scrub(self, text: str) -> str:
         """`text` with the password masked: every message about the database goes through it."""

@@ -258,3 +258,62 @@ def test_the_internal_location_is_not_reachable_from_outside(stack: Stack,
     r = http.get(f"{stack.urls['nginx']}/__dfs/{IMG}/small.jpg")
     assert r.status_code == 404
     assert SMALL not in r.content
+
+
+# -- the configuration as documented ------------------------------------------------
+
+DEPLOY = Path(__file__).resolve().parent.parent / "docs" / "deploy.md"
+
+
+def _documented_site(offload: str) -> Settings:
+    from dataclasses import replace
+
+    from serve_image.settings import settings_from_mapping
+
+    s = settings_from_mapping({"STORAGE_DB": "x", "VAR_DIR": "var/intranet"}, "intranet.py",
+                              "intranet")
+    return replace(s, layout="dfs", dfs_mount_point="/mnt/nfs/ezdfs", offload=offload)
+
+
+def _documented_nginx() -> str:
+    import re
+
+    blocks = re.findall(r"```nginx\n(.*?)```", DEPLOY.read_text(), re.DOTALL)
+    (block,) = [b for b in blocks if "internal;" in b]
+    return str(block)
+
+
+def test_the_documented_nginx_offload_is_what_serve_image_prints() -> None:
+    site = _documented_site("x-accel-redirect:/__ezdfs/")
+    assert _indent(nginx_offload_location(site), 4) in _documented_nginx()
+    proxy = nginx_location(site, "http://127.0.0.1:8001")
+    assert _indent(proxy, 4) in _documented_nginx()
+
+
+def test_the_documented_nginx_offload_passes_nginx_t(tmp_path: Path) -> None:
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(f"pid {tmp_path}/nginx.pid;\nerror_log {tmp_path}/error.log;\n"
+                    f"events {{}}\nhttp {{\n{_documented_nginx()}}}\n")
+    done = subprocess.run([program("nginx"), "-t", "-p", str(tmp_path), "-c", str(conf),
+                           "-e", str(tmp_path / "error.log")],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+
+
+def test_the_documented_apache_lines_are_what_serve_image_prints() -> None:
+    from serve_image.apache import apache_snippet
+
+    snippet = apache_snippet(_documented_site("x-sendfile"))
+    start = snippet.index("<LocationMatch")
+    block = snippet[start:snippet.index("</LocationMatch>") + len("</LocationMatch>")]
+    shown = [line for line in block.splitlines() if not line.lstrip().startswith("#")]
+    assert _indent("\n".join(shown), 4) in DEPLOY.read_text()
+
+
+def test_offload_for_the_wrong_server_is_refused() -> None:
+    from serve_image.apache import SnippetError, apache_snippet
+
+    with pytest.raises(SnippetError, match="Apache \\(mod_xsendfile\\) needs OFFLOAD = "):
+        apache_snippet(_documented_site("x-accel-redirect:/__ezdfs/"))
+    with pytest.raises(SnippetError, match="OFFLOAD is not 'x-accel-redirect:/PREFIX/'"):
+        nginx_offload_location(_documented_site("x-sendfile"))

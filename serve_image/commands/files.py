@@ -119,8 +119,7 @@ def cmd_copy(args: argparse.Namespace) -> int:
     source, target = load_site(args.source), load_site(args.target)
     if args.jobs < 1:
         raise CommandError("--jobs must be at least 1")
-    if source.describe() == target.describe() and source.layout == target.layout and (
-            source.dfs_mount_point == target.dfs_mount_point):
+    if (source.describe(), source.layout) == (target.describe(), target.layout):
         raise CommandError(f"--from {args.source} and --to {args.target} are the same storage")
     primary = replica_primary(target)
     if primary is not None:
