@@ -295,14 +295,24 @@ class DfsLayout(RowLayout):
                 await self.on_mount(temp.write, b"".join(held), bound=WRITE_TIMEOUT)
             await self.on_mount(temp.commit, size, mtime, bound=WRITE_TIMEOUT)
         except MountError as e:
-            self.pool.submit(temp.abort)
+            await self._abort(temp)
             raise self._write_failed(e) from None
-        except BaseException:
+        except Exception:
+            await self._abort(temp)
+            raise
+        except BaseException:  # cancelled: clean up without waiting
             self.pool.submit(temp.abort)
             raise
         # The file is in place: now its row, as eZ writes it.
         await self.driver.execute(self._upsert, datatype, name, name, name_hash(name), scope, size,
                                   mtime, 1 if mtime < 0 else 0)
+
+    async def _abort(self, temp: mount.TempFile) -> None:
+        """Remove a write's temporary file before its failure is reported."""
+        try:
+            await self.on_mount(temp.abort, bound=WRITE_TIMEOUT)
+        except MountError as e:
+            logger.warning("%s: its temporary file stays on the mount: %s", temp.name, e)
 
     @staticmethod
     def _write_failed(e: MountError) -> Exception:
