@@ -4,6 +4,10 @@ Pure functions, no I/O: `apache_snippet` is what `serve-image apache-snippet`
 prints (Apache 2.4, mod_rewrite + mod_proxy_http), `nginx_location` its nginx
 equivalent for the README. Both keep eZ Publish's rule,
 `^/var/([^/]+/)?storage/images(-versioned)?/`, narrowed to the site's VAR_DIR.
+
+For a DFS site with OFFLOAD (offload.py), the Apache snippet also turns on
+mod_xsendfile for those paths, and `nginx_offload_location` is the internal
+location that sends the files from the mount.
 """
 
 from __future__ import annotations
@@ -30,6 +34,18 @@ _HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-
 
 class UpstreamError(ValueError):
     """An --upstream that is not `http://host[:port]`."""
+
+
+class SnippetError(ValueError):
+    """A site whose configuration cannot be written for this web server."""
+
+
+def _config_path(path: str) -> str:
+    """A path for a quoted Apache or nginx string: refused if it could be read as syntax."""
+    if any(c in path for c in '"\\$') or any(ord(c) < 0x20 for c in path):
+        raise SnippetError(f"DFS_MOUNT_POINT {path!r} holds a quote, a backslash, a $ or a "
+                           "control character: write the web server's configuration by hand")
+    return path
 
 
 def normalize_upstream(url: str) -> str:
@@ -85,6 +101,9 @@ def apache_snippet(settings: Settings, upstream: str = DEFAULT_UPSTREAM,
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
     upstream = normalize_upstream(upstream)
+    if settings.offload is not None and settings.offload != "x-sendfile":
+        raise SnippetError(f"{settings.source}: OFFLOAD {settings.offload!r} is for nginx; "
+                           "Apache (mod_xsendfile) needs OFFLOAD = 'x-sendfile'")
     # The name also goes into quoted Apache strings: keep it to safe characters.
     name = re.sub(r"[^\w.-]", "_", settings.name)
     pattern = var_dir_pattern(settings.var_dir)
@@ -121,6 +140,9 @@ def apache_snippet(settings: Settings, upstream: str = DEFAULT_UPSTREAM,
             "# file path yet: the path is built from DOCUMENT_ROOT.)",
             'RewriteCond "%{DOCUMENT_ROOT}%{REQUEST_URI}" !-f',
         ]
+    if settings.offload == "x-sendfile":
+        at = lines.index("RewriteEngine On")
+        lines[at:at] = _xsendfile_lines(settings, name, pattern)
     lines += [
         "# The path goes upstream exactly as the client sent it (THE_REQUEST, with [NE]),",
         "# so percent-encoded names arrive byte for byte; Range and If-* headers pass",
@@ -132,6 +154,59 @@ def apache_snippet(settings: Settings, upstream: str = DEFAULT_UPSTREAM,
         "",
     ]
     return "\n".join(lines)
+
+
+def _xsendfile_lines(settings: Settings, name: str, pattern: str) -> list[str]:
+    mount = _config_path(settings.dfs_mount_point or "")
+    lines = [
+        "<IfModule !xsendfile_module>",
+        f'    Error "serve-image snippet for {name}: OFFLOAD is x-sendfile but mod_xsendfile '
+        'is not loaded (apt install libapache2-mod-xsendfile)"',
+        "</IfModule>",
+        "",
+        "# OFFLOAD = 'x-sendfile': serve-image answers these paths (404, 503, 304, 412, 416",
+        "# from the row) and hands each 200 to mod_xsendfile, which sends the file from the",
+        "# DFS mount and answers Range itself. Only there, and only under the mount.",
+        f'<LocationMatch "{pattern}">',
+        "    XSendFile On",
+        f'    XSendFilePath "{mount}"',
+        "    # mod_xsendfile 1.0 would url-decode the path (a name may hold a %); 0.12,",
+        "    # Debian's, has no such directive and takes the path as it is.",
+        "    <IfDirective XSendFileUnescape>",
+        "        XSendFileUnescape Off",
+        "    </IfDirective>",
+    ]
+    if not settings.http_range:
+        lines.append("    # HTTP_RANGE = False: no ranges here either.")
+        lines.append("    MaxRanges none")
+    return [*lines, "</LocationMatch>", ""]
+
+
+def nginx_offload_location(settings: Settings) -> str:
+    """The internal nginx location that sends a DFS site's files for X-Accel-Redirect."""
+    if settings.offload is None or not settings.offload.startswith("x-accel-redirect:"):
+        raise SnippetError(f"{settings.source}: OFFLOAD is not 'x-accel-redirect:/PREFIX/'")
+    prefix = settings.offload.partition(":")[2]
+    mount = _config_path(settings.dfs_mount_point or "").rstrip("/") + "/"
+    lines = [
+        f"# OFFLOAD = {settings.offload!r}: serve-image decides (404, 503, 304, 412, 416)",
+        "# and hands each 200 here; nginx sends the file from the DFS mount, Range included.",
+        f"location {prefix} {{",
+        "    internal;",
+        f'    alias "{mount}";',
+        "    # A link on the mount is never followed, as serve-image never follows one.",
+        "    disable_symlinks on;",
+        "    # The validators are serve-image's, from the row: the file's own mtime is",
+        "    # when eZ copied it. serve-image has already answered the conditionals.",
+        "    etag off;",
+        "    if_modified_since off;",
+        "    add_header ETag $upstream_http_etag;",
+        "    add_header Last-Modified $upstream_http_last_modified;",
+        "    add_header X-Content-Type-Options $upstream_http_x_content_type_options;",
+    ]
+    if not settings.http_range:
+        lines.append("    max_ranges 0;  # HTTP_RANGE = False")
+    return "\n".join([*lines, "}"]) + "\n"
 
 
 def nginx_location(settings: Settings, upstream: str = DEFAULT_UPSTREAM,

@@ -160,24 +160,34 @@ class ServeImage:
                 await self.endpoint(scope, receive, send)
         except (RequestRefused, RangeNotSatisfiable, StatementFailed, DatabaseUnavailable,
                 FileUnavailable) as e:
-            if isinstance(e, FileUnavailable):
-                logger.warning("503 for %s: %s", scope["path"], e)
             extra = (
                 [(b"content-range", f"bytes */{e.size}".encode())]
                 if isinstance(e, RangeNotSatisfiable) else []
             )
-            await self.send_error(send, *status_of(e), extra)
+            retry_after = None
+            if isinstance(e, FileUnavailable):
+                logger.warning("503 for %s: %s", scope["path"], e)
+                retry_after = e.retry_after
+            await self.send_error(send, *status_of(e), extra, retry_after=retry_after)
 
     async def send_error(
-        self, send: Send, status: int, text: str, extra: list[tuple[bytes, bytes]] | None = None
+        self, send: Send, status: int, text: str, extra: list[tuple[bytes, bytes]] | None = None,
+        *, retry_after: int | None = None,
     ) -> None:
-        """A short plain-text answer: never the request's input, never a traceback."""
+        """A short plain-text answer: never the request's input, never a traceback.
+
+        `retry_after`: a 503's Retry-After when not the site's RETRY_AFTER.
+        """
         body = f"{status} {text}\n".encode()
+        fixed = self.error_headers.get(status, [])
+        if retry_after is not None:
+            fixed = [(b"retry-after", str(retry_after).encode()),
+                     *(h for h in fixed if h[0] != b"retry-after")]
         headers = [
             (b"content-type", b"text/plain; charset=utf-8"),
             (b"content-length", str(len(body)).encode()),
             (b"x-content-type-options", b"nosniff"),
-            *self.error_headers.get(status, ()),
+            *fixed,
             *(extra or ()),
         ]
         await send({"type": "http.response.start", "status": status, "headers": headers})

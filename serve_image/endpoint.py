@@ -20,6 +20,7 @@ from serve_image.cache import HotCache
 from serve_image.errors import MethodNotAllowed, NotFound, PreconditionFailed
 from serve_image.headers import Clock, content_disposition, content_type, is_download, type_headers
 from serve_image.localcopy import LocalCopies
+from serve_image.offload import Offload
 from serve_image.paths import FileName, request_name
 from serve_image.settings import Settings
 from serve_image.storage import FileMeta, Layout, StreamAborted, name_hash
@@ -75,6 +76,8 @@ class ImageEndpoint:
         )
         # Concurrent reads of rows share queries while the database is busy.
         self.reads = BatchedReads(layout)
+        # OFFLOAD: a 200's bytes are sent by the web server in front (offload.py).
+        self.offload = Offload.from_setting(settings.offload)
 
         # What follows from the path alone, and the headers that follow from a
         # file's version alone, are worked out once and remembered (as
@@ -130,7 +133,9 @@ class ImageEndpoint:
 
         first: bytes | None = None
         meta: FileMeta | None
-        whole_get = method == "GET" and not conditional_request and range_header is None
+        offload = self.offload if self.offload and self.offload.applies(method, req) else None
+        whole_get = (method == "GET" and not conditional_request and range_header is None
+                     and offload is None)
         hot = self.cache.get(name_hash, need_body=whole_get) if self.cache is not None else None
         if hot is not None:
             meta, first = hot.meta, hot.body
@@ -177,6 +182,15 @@ class ImageEndpoint:
             if if_range is None or conditional.if_range_matches(if_range, etag, last_modified):
                 # Raises RangeNotSatisfiable (416), mapped to a response in app.py.
                 wanted = ranges.parse_range(range_header, meta.size)
+        if offload is not None and (path := self.layout.local_path(meta)) is not None:
+            # The web server sends the file and answers the Range itself;
+            # this hop's body is empty (offload.py). Checked first: a 503
+            # for a write in progress is ours to send.
+            await self.layout.check(meta)
+            headers += [(b"content-length", b"0"), offload.field(file.name, path)]
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            await send({"type": "http.response.body", "body": b""})
+            return
         if meta.size and (first is None or len(first) < meta.size):
             # Not all the bytes are in hand: before any header goes out, the
             # layout makes sure this version can be read now (FileUnavailable

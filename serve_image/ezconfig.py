@@ -2,9 +2,18 @@
 
 Two sources, parsed without running PHP:
 - `settings/override/file.ini.append.php`, section `[ClusteringSettings]`
-  (DBBackend, DBHost, DBPort, DBSocket, DBName, DBUser, DBPassword, DBChunkSize, ...);
+  (DBBackend, DBHost, DBPort, DBSocket, DBName, DBUser, DBPassword, DBChunkSize, ...),
+  or for a DFS cluster (`FileHandler=eZDFSFileHandler`) `[eZDFSClusteringSettings]`
+  (MountPointPath, DBBackend, DBHost, ...);
 - a per-siteaccess `index_image-*.php` (`define('STORAGE_HOST', ...)`) or eZ
-  4.7's `config.cluster.php` (`define('CLUSTER_STORAGE_HOST', ...)`).
+  4.7's `config.cluster.php` (`define('CLUSTER_STORAGE_HOST', ...)`, with
+  `CLUSTER_STORAGE_BACKEND` 'dfsmysqli' or 'dfspostgresql' and
+  `CLUSTER_MOUNT_POINT_PATH` for a DFS cluster).
+
+eZ's MountPointPath is absolute or relative to the eZ root; a relative one
+is written out absolute (the eZ root being the directory above `settings/`
+for file.ini, the directory of config.cluster.php), since a site file's
+relative paths are relative to the site file.
 
 Every setting found is either carried over, or reported with the reason it
 is not: nothing is dropped silently. Pure functions apart from reading the
@@ -19,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from serve_image.settings import SiteConfigError, settings_from_mapping
+from serve_image.settings import DFS_BACKENDS, SiteConfigError, settings_from_mapping
 
 
 class EzConfigError(Exception):
@@ -80,14 +89,18 @@ def parse_ini(text: str) -> dict[str, dict[str, str]]:
     return sections
 
 
+_DFS_NOT_NEEDED = {
+    **_INI_NOT_NEEDED,
+    "MaxCopyRetries": "serve-image never copies a file to the mount when serving it",
+    "MetaDataTableNameCache": "eZ's cache files (ezdfsfile_cache) are not served; serve-image "
+                              "reads DFS_TABLE",
+}
+
+
 def _ini_backend(value: str) -> str:
-    """DBBackend: `mysql`/`pgsql` (3.x) or a class name such as eZDBFileHandlerMysqliBackend."""
+    """DBBackend: `mysql`/`pgsql` (3.x) or a class name such as eZDBFileHandlerMysqliBackend
+    or eZDFSFileHandlerPostgresqlBackend."""
     lowered = value.lower()
-    if "dfs" in lowered:
-        raise EzConfigError(
-            f"DBBackend={value} is a DFS cluster: its files live on the NFS mount, not in the "
-            "database, and serve-image reads them from the database"
-        )
     if "mysql" in lowered:
         return "mysql"
     if "pgsql" in lowered or "postgres" in lowered:
@@ -102,11 +115,8 @@ def from_ini(text: str) -> Conversion:
         raise EzConfigError("no [ClusteringSettings] section")
     out = Conversion()
     handler = cluster.get("FileHandler", "")
-    if handler and "dfs" in handler.lower():
-        raise EzConfigError(
-            f"FileHandler={handler} is a DFS cluster: its files live on the NFS mount, not in "
-            "the database, and serve-image reads them from the database"
-        )
+    if handler.lower() in ("ezdfsfilehandler", "ezdfs"):
+        return _from_dfs_ini(sections, handler)
     if handler and handler.lower() not in ("ezdb", "ezdbfilehandler"):
         raise EzConfigError(f"FileHandler={handler} is not eZ's database cluster (ezdb)")
     out.constants["STORAGE_BACKEND"] = _ini_backend(cluster.get("DBBackend", "mysql"))
@@ -125,6 +135,43 @@ def from_ini(text: str) -> Conversion:
             where = f"[{name}]" if name else "(before any section)"
             out.skipped.append((where, f"{len(section)} setting(s) outside "
                                 "[ClusteringSettings], not cluster settings"))
+    return out
+
+
+def _from_dfs_ini(sections: dict[str, dict[str, str]], handler: str) -> Conversion:
+    """FileHandler=eZDFSFileHandler: [eZDFSClusteringSettings] names the database and the mount."""
+    dfs = sections.get("eZDFSClusteringSettings")
+    if dfs is None:
+        raise EzConfigError(f"FileHandler={handler} but no [eZDFSClusteringSettings] section")
+    out = Conversion()
+    out.constants["STORAGE_LAYOUT"] = "dfs"
+    # eZ's default DBBackend for DFS is its MySQL(i) backend.
+    out.constants["STORAGE_BACKEND"] = _ini_backend(dfs.get("DBBackend", "mysqli"))
+    for key, value in dfs.items():
+        if key == "DBBackend":
+            continue
+        if key == "MountPointPath":
+            if value:
+                out.constants["DFS_MOUNT_POINT"] = value
+            continue
+        target = _INI_TARGETS.get(key)
+        if target is not None and target != "STORAGE_CHUNK_SIZE":
+            _carry(out, key, target, value)
+        elif key in _DFS_NOT_NEEDED:
+            out.skipped.append((key, _DFS_NOT_NEEDED[key]))
+        else:
+            out.skipped.append((key, "not a setting serve-image knows"))
+    if "DFS_MOUNT_POINT" not in out.constants:
+        raise EzConfigError("no MountPointPath in [eZDFSClusteringSettings]")
+    for key in sections["ClusteringSettings"]:
+        if key != "FileHandler":
+            out.skipped.append((f"[ClusteringSettings] {key}",
+                                "eZDBFileHandler's, not used by eZDFSFileHandler"))
+    for name, section in sections.items():
+        if name not in ("ClusteringSettings", "eZDFSClusteringSettings"):
+            where = f"[{name}]" if name else "(before any section)"
+            out.skipped.append((where, f"{len(section)} setting(s) outside the cluster "
+                                "sections, not cluster settings"))
     return out
 
 
@@ -178,6 +225,10 @@ _PHP_NOT_NEEDED = {
     "CLUSTER_ENABLE_DEBUG": "serve-image logs through Python's logging instead",
     "CLUSTER_PERSISTENT_CONNECTION": "serve-image always keeps a connection pool",
     "STORAGE_PERSISTENT_CONNECTION": "serve-image always keeps a connection pool",
+    "CLUSTER_METADATA_TABLE_CACHE": "eZ's cache files (ezdfsfile_cache) are not served; "
+                                    "serve-image reads DFS_TABLE",
+    "CLUSTER_METADATA_CACHE_PATH": "eZ's cache files are not served",
+    "CLUSTER_METADATA_STORAGE_PATH": "eZ's cache files are not served",
 }
 _PHP_BACKENDS = {"mysql": "mysql", "mysqli": "mysql", "pgsql": "pgsql", "postgresql": "pgsql"}
 
@@ -222,39 +273,45 @@ def from_php(text: str) -> Conversion:
         target = _PHP_TARGETS.get(name)
         if target == "STORAGE_BACKEND":
             out.constants[target] = _php_backend(name, value)
+            if isinstance(value, str) and value.lower() in DFS_BACKENDS:
+                out.constants["STORAGE_LAYOUT"] = "dfs"
         elif target is not None:
             _carry(out, name, target, value)
         elif name == "CLUSTER_MOUNT_POINT_PATH":
-            raise EzConfigError(
-                f"{name} is set: a DFS cluster keeps its files on that NFS mount, not in the "
-                "database, and serve-image reads them from the database"
-            )
+            if not isinstance(value, str):
+                raise EzConfigError(f"{name} must be a path, not {value!r}")
+            if value:
+                out.constants["DFS_MOUNT_POINT"] = value
         elif name in _PHP_NOT_NEEDED:
             out.skipped.append((name, _PHP_NOT_NEEDED[name]))
         else:
             out.skipped.append((name, "not a setting serve-image knows"))
     if not found:
         raise EzConfigError("no define('STORAGE_...') or define('CLUSTER_STORAGE_...') found")
+    dfs = out.constants.get("STORAGE_LAYOUT") == "dfs"
+    if dfs and "DFS_MOUNT_POINT" not in out.constants:
+        raise EzConfigError("a DFS cluster (dfsmysqli, dfspostgresql) with no "
+                            "CLUSTER_MOUNT_POINT_PATH")
+    if not dfs and "DFS_MOUNT_POINT" in out.constants:
+        raise EzConfigError("CLUSTER_MOUNT_POINT_PATH is set but CLUSTER_STORAGE_BACKEND is "
+                            "not a DFS backend (dfsmysqli, dfspostgresql)")
     return out
 
 
 def _php_backend(name: str, value: Any) -> str:
-    if isinstance(value, str) and value.lower().startswith("dfs"):
-        raise EzConfigError(
-            f"{name}={value!r} is a DFS cluster: its files live on the NFS mount, not in the "
-            "database, and serve-image reads them from the database"
-        )
-    backend = _PHP_BACKENDS.get(str(value).lower())
+    lowered = str(value).lower()
+    backend = _PHP_BACKENDS.get(lowered) or DFS_BACKENDS.get(lowered)
     if backend is None:
         raise EzConfigError(f"{name}={value!r} is not a backend serve-image supports "
-                            "(mysql, mysqli, pgsql)")
+                            "(mysql, mysqli, pgsql, dfsmysqli, dfspostgresql)")
     return backend
 
 
 # -- the site module ----------------------------------------------------------
 
 _ORDER = (
-    "STORAGE_BACKEND", "STORAGE_LAYOUT", "STORAGE_HOST", "STORAGE_PORT", "STORAGE_SOCKET",
+    "STORAGE_BACKEND", "STORAGE_LAYOUT", "DFS_MOUNT_POINT", "STORAGE_HOST", "STORAGE_PORT",
+    "STORAGE_SOCKET",
     "STORAGE_USER", "STORAGE_PASS", "STORAGE_DB", "STORAGE_CHUNK_SIZE", "STORAGE_CHARSET",
     "EXPIRY_TIMEOUT", "HTTP_CACHE", "HTTP_RANGE",
 )
@@ -275,6 +332,16 @@ def convert(path: Path, text: str, layout: str | None = None) -> Conversion:
         out.notes.append("STORAGE_CHARSET 'utf8' kept as written; 'utf8mb4' reads the same data")
     backend = out.constants.get("STORAGE_BACKEND", "mysql")
     out.constants.setdefault("STORAGE_BACKEND", backend)
+    if out.constants.get("STORAGE_LAYOUT") == "dfs":
+        if layout not in (None, "dfs"):
+            raise EzConfigError(f"a DFS cluster: --layout {layout} does not apply (dfs)")
+        mount = out.constants["DFS_MOUNT_POINT"]
+        if not os.path.isabs(mount):
+            root = ez_root(path)
+            out.constants["DFS_MOUNT_POINT"] = str(root / mount)
+            out.notes.append(f"DFS_MOUNT_POINT: eZ's {mount!r} is relative to the eZ root, "
+                             f"taken to be {root}")
+        return out
     if layout is None and backend == "pgsql":
         # eZ's PostgreSQL cluster backend is 3.8's: the bytes are large objects.
         layout = "largeobject"
@@ -285,6 +352,16 @@ def convert(path: Path, text: str, layout: str | None = None) -> Conversion:
     if layout is not None and layout != "chunks":
         out.constants["STORAGE_LAYOUT"] = layout
     return out
+
+
+def ez_root(source: Path) -> Path:
+    """The eZ Publish root a settings file belongs to: the directory above its `settings/`
+    (file.ini.append.php), else the file's own directory (config.cluster.php)."""
+    source = source.resolve()
+    for parent in source.parents:
+        if parent.name == "settings":
+            return parent.parent
+    return source.parent
 
 
 def render_site(conv: Conversion, source: Path, name: str) -> str:

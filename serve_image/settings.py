@@ -23,10 +23,12 @@ from urllib.parse import urlsplit
 BACKENDS = ("mysql", "pgsql", "sqlite")
 # STORAGE_LAYOUT -> the STORAGE_BACKENDs it runs on (storage/layouts/ has one
 # module each). "chunks": ezdbfile + ezdbfile_data (eZ 3.10-4.6);
-# "largeobject": eZ 3.8's PostgreSQL ezdbfile.lob_id.
+# "largeobject": eZ 3.8's PostgreSQL ezdbfile.lob_id; "dfs": eZ 4.2+'s DFS
+# cluster, ezdfsfile rows and the bytes on a shared mount (DFS_MOUNT_POINT).
 LAYOUT_BACKENDS = {
     "chunks": ("mysql", "pgsql", "sqlite"),
     "largeobject": ("pgsql",),
+    "dfs": ("mysql", "pgsql"),
 }
 LAYOUTS = tuple(LAYOUT_BACKENDS)
 # STORAGE_DRIVER for mysql: asyncmy (Cython, the default: the faster of the
@@ -41,6 +43,11 @@ MAX_CHUNK_SIZE = 16 * 1024 * 1024
 # Paths that eZ's RewriteRule sends to index_image.php:
 #   ^/var/([^/]+/)?storage/images(-versioned)?/.*
 VAR_DIR_RE = re.compile(r"^var(/[^/]+)?$")
+# eZ's STORAGE_BACKEND / CLUSTER_STORAGE_BACKEND names of its DFS backends:
+# the DFS layout on that database.
+DFS_BACKENDS = {"dfsmysqli": "mysql", "dfspostgresql": "pgsql"}
+# OFFLOAD: who sends a DFS file's bytes once serve-image has decided the answer.
+OFFLOAD_RE = re.compile(r"^x-accel-redirect:(/(?:[A-Za-z0-9._~-]+/)+)$|^x-sendfile$")
 
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -119,13 +126,21 @@ class Settings:
     purge_allow: tuple[IPNetwork, ...]
     purge_timeout: float
     surrogate_key_header: str | None
+    # STORAGE_LAYOUT "dfs" (storage/layouts/dfs.py): the mount, its table, the
+    # bounds on its reads, and OFFLOAD ("x-accel-redirect:/PREFIX/", "x-sendfile").
+    dfs_mount_point: str | None = None
+    dfs_table: str = "ezdfsfile"
+    dfs_threads: int = 16
+    dfs_timeout: float = 5.0
+    offload: str | None = None
 
     def describe(self) -> str:
         """Where the site's data lives, for logs: never shows the password."""
         if self.backend == "sqlite":
             return f"sqlite:{self.database}"
         where = ",".join(h.label for h in self.hosts)
-        return f"{self.backend}://{self.user}@{where}/{self.database}"
+        mount = f" + {self.dfs_mount_point}" if self.dfs_mount_point else ""
+        return f"{self.backend}://{self.user}@{where}/{self.database}{mount}"
 
     def scrub(self, text: str) -> str:
         """`text` with the password masked: every message about the database goes through it."""
@@ -206,8 +221,9 @@ def _layout(v: Any) -> str:
 
 
 def _backend(v: Any) -> str:
-    # eZ 4.x names its MySQL handlers mysqli / dfsmysqli: same tables for us.
-    aliases = {"mysqli": "mysql", "dfsmysqli": "mysql", "postgresql": "pgsql"}
+    # eZ 4.x names its MySQL handler mysqli; its DFS handlers dfsmysqli and
+    # dfspostgresql are the same databases with the DFS layout (checked below).
+    aliases = {"mysqli": "mysql", "postgresql": "pgsql", **DFS_BACKENDS}
     v = aliases.get(v, v) if isinstance(v, str) else v
     if v not in BACKENDS:
         raise ValueError(f"must be one of {', '.join(map(repr, BACKENDS))}, not {v!r}")
@@ -221,6 +237,25 @@ def _var_dir(v: Any) -> str | None:
     if not VAR_DIR_RE.match(text) or text.endswith(("/.", "/..")):
         raise ValueError(f"must look like 'var' or 'var/<dir>', not {text!r}")
     return text
+
+
+def _identifier(v: Any) -> str:
+    # It goes into every statement of the layout: a plain SQL name only.
+    if not isinstance(v, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,58}", v):
+        raise ValueError(f"must be a table name (letters, digits, _), not {v!r}")
+    return v
+
+
+def _offload(v: Any) -> str | None:
+    if v is None:
+        return None
+    if (not isinstance(v, str) or not OFFLOAD_RE.match(v)
+            or any(part in (".", "..") for part in v.split("/"))):
+        raise ValueError(
+            f'must be None, "x-accel-redirect:/PREFIX/" (nginx; PREFIX of letters, digits, '
+            f'._~-) or "x-sendfile" (Apache mod_xsendfile), not {v!r}'
+        )
+    return v
 
 
 def _header_value(v: Any) -> str:
@@ -395,7 +430,17 @@ _CONSTANTS: dict[str, tuple[Callable[[Any], Any], Any]] = {
     "PURGE_ALLOW": (_purge_allow, ()),
     "PURGE_TIMEOUT": (_seconds, 5.0),
     "SURROGATE_KEY_HEADER": (_field_name, None),
+    # STORAGE_LAYOUT "dfs": eZ's MountPointPath; the metadata table; threads
+    # that read the mount, and how long one read may take (a hung NFS server
+    # must give a 503, not a hung request).
+    "DFS_MOUNT_POINT": (_opt_str, None),
+    "DFS_TABLE": (_identifier, "ezdfsfile"),
+    "DFS_THREADS": (_int_range(1, 256), 16),
+    "DFS_TIMEOUT": (_seconds, 5.0),
+    "OFFLOAD": (_offload, None),
 }
+# Settings of the dfs layout alone: set for another, they are an error.
+_DFS_ONLY = ("DFS_MOUNT_POINT", "DFS_TABLE", "DFS_THREADS", "DFS_TIMEOUT", "OFFLOAD")
 KNOWN_CONSTANTS = tuple(_CONSTANTS)
 
 
@@ -451,6 +496,7 @@ def settings_from_mapping(values: Mapping[str, Any], source: str, name: str = ""
         raise _error(
             source, "STORAGE_LAYOUT", f"{layout!r} needs STORAGE_BACKEND {wanted}, not {backend!r}",
         )
+    dfs_mount_point = _dfs_mount_point(values, out, source)
     if out["STORAGE_DRIVER"] is not None and backend != "mysql":
         raise _error(source, "STORAGE_DRIVER", f"is for STORAGE_BACKEND 'mysql', not {backend!r}")
     driver = out["STORAGE_DRIVER"] or {"mysql": "asyncmy", "pgsql": "asyncpg"}.get(
@@ -504,7 +550,40 @@ def settings_from_mapping(values: Mapping[str, Any], source: str, name: str = ""
         purge_allow=out["PURGE_ALLOW"],
         purge_timeout=out["PURGE_TIMEOUT"],
         surrogate_key_header=out["SURROGATE_KEY_HEADER"],
+        dfs_mount_point=dfs_mount_point,
+        dfs_table=out["DFS_TABLE"],
+        dfs_threads=out["DFS_THREADS"],
+        dfs_timeout=out["DFS_TIMEOUT"],
+        offload=out["OFFLOAD"],
     )
+
+
+def _dfs_mount_point(values: Mapping[str, Any], out: Mapping[str, Any], source: str) -> str | None:
+    """DFS_MOUNT_POINT made absolute and checked; the DFS-only settings checked for the layout."""
+    layout = out["STORAGE_LAYOUT"]
+    raw = values.get("STORAGE_BACKEND")
+    if isinstance(raw, str) and raw in DFS_BACKENDS and layout != "dfs":
+        raise _error(
+            source, "STORAGE_BACKEND",
+            f"{raw!r} is eZ's DFS cluster: set STORAGE_LAYOUT = 'dfs' and DFS_MOUNT_POINT, "
+            f"or STORAGE_BACKEND = {DFS_BACKENDS[raw]!r} for another layout",
+        )
+    if layout != "dfs":
+        for name in _DFS_ONLY:
+            if name in values:
+                raise _error(source, name, f"is for STORAGE_LAYOUT 'dfs', not {layout!r}")
+        return None
+    mount = out["DFS_MOUNT_POINT"]
+    if mount is None:
+        raise _error(source, "DFS_MOUNT_POINT",
+                     "is missing: STORAGE_LAYOUT 'dfs' reads the files from eZ's mount "
+                     "(its MountPointPath)")
+    # Relative to the site file, like STORAGE_DB; never created here.
+    base = Path(source).parent if source.endswith(".py") else Path.cwd()
+    path = str((base / mount).resolve())
+    if not os.path.isdir(path):
+        raise _error(source, "DFS_MOUNT_POINT", f"must be an existing directory, not {path!r}")
+    return path
 
 
 def _storage_hosts(

@@ -19,7 +19,13 @@ from pathlib import Path
 from serve_image.backoff import with_retry
 from serve_image.cluster import ClusterFiles, FileBroken, SourceChanged
 from serve_image.progress import Progress
-from serve_image.storage import DatabaseUnavailable, StatementFailed, StoredFile, name_hash
+from serve_image.storage import (
+    DatabaseUnavailable,
+    FileUnavailable,
+    StatementFailed,
+    StoredFile,
+    name_hash,
+)
 from serve_image.storage.files import same_version, stored_mtime
 
 # Files looked up in the database with one query, and walked per thread hop.
@@ -253,7 +259,7 @@ class Importer:
             return
         try:
             stored = await with_retry(lambda: self.cluster.sha256(name))
-        except FileBroken as e:
+        except (FileBroken, FileUnavailable) as e:
             self.report(path, f"not removed: stored copy unreadable: {e}")
             return
         if stored != local:
@@ -304,7 +310,7 @@ async def export_tree(
             continue
         try:
             meta = await with_retry(lambda: cluster.fetch_file(f.name, target))  # noqa: B023
-        except FileBroken as e:
+        except (FileBroken, FileUnavailable) as e:
             tally.failed += 1
             progress.problem(f"serve-image: {f.name}: {e}")
             continue

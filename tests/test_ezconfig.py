@@ -202,8 +202,11 @@ def test_force_replaces(tmp_path: Path) -> None:
     [
         ("file.ini.append.php",
          "[ClusteringSettings]\nFileHandler=eZDFSFileHandler\nDBName=c\n",
-         "FileHandler=eZDFSFileHandler is a DFS cluster: its files live on the NFS mount, not in "
-         "the database, and serve-image reads them from the database"),
+         "FileHandler=eZDFSFileHandler but no [eZDFSClusteringSettings] section"),
+        ("file.ini.append.php",
+         "[ClusteringSettings]\nFileHandler=eZDFSFileHandler\n"
+         "[eZDFSClusteringSettings]\nDBName=c\n",
+         "no MountPointPath in [eZDFSClusteringSettings]"),
         ("file.ini.append.php",
          "[ClusteringSettings]\nDBBackend=eZDBFileHandlerOracleBackend\nDBName=c\n",
          "DBBackend=eZDBFileHandlerOracleBackend is not a backend serve-image supports "
@@ -214,8 +217,12 @@ def test_force_replaces(tmp_path: Path) -> None:
          "no database name (DBName / STORAGE_DB / CLUSTER_STORAGE_DB)"),
         ("config.cluster.php",
          "<?php define('CLUSTER_STORAGE_BACKEND', 'dfsmysqli'); define('CLUSTER_STORAGE_DB', 'c');",
-         "CLUSTER_STORAGE_BACKEND='dfsmysqli' is a DFS cluster: its files live on the NFS mount, "
-         "not in the database, and serve-image reads them from the database"),
+         "a DFS cluster (dfsmysqli, dfspostgresql) with no CLUSTER_MOUNT_POINT_PATH"),
+        ("config.cluster.php",
+         "<?php define('CLUSTER_STORAGE_BACKEND', 'mysqli'); define('CLUSTER_STORAGE_DB', 'c');"
+         "define('CLUSTER_MOUNT_POINT_PATH', '/mnt/nfs');",
+         "CLUSTER_MOUNT_POINT_PATH is set but CLUSTER_STORAGE_BACKEND is not a DFS backend "
+         "(dfsmysqli, dfspostgresql)"),
         ("site.ini.append.php", "[DatabaseSettings]\nServer=db\n",
          "neither an INI file with [ClusteringSettings] nor PHP defines"),
     ],
@@ -256,3 +263,97 @@ def test_php_literals(text: str, value: object) -> None:
 def test_php_expression_is_not_a_literal() -> None:
     with pytest.raises(ValueError):
         php_literal("getenv('X')")
+
+
+# -- DFS clusters -------------------------------------------------------------
+
+DFS_INI = """<?php /* #?ini charset="utf-8"?
+
+[ClusteringSettings]
+FileHandler=eZDFSFileHandler
+DBBackend=eZDBFileHandlerMysqliBackend
+
+[eZDFSClusteringSettings]
+MountPointPath=var/nfs
+DBBackend={backend}
+DBHost=db.example.org
+DBPort={port}
+DBSocket=
+DBName=ezdfs
+DBUser=fred
+DBPassword=s3cret
+DBConnectRetries=3
+DBExecuteRetries=20
+MaxCopyRetries=5
+MetaDataTableNameCache=ezdfsfile_cache
+*/ ?>
+"""
+
+
+@pytest.mark.parametrize(("backend", "port", "expected"), [
+    ("eZDFSFileHandlerMySQLiBackend", 3306, "mysql"),
+    ("eZDFSFileHandlerPostgresqlBackend", 5432, "pgsql"),
+])
+def test_a_dfs_file_ini_becomes_a_dfs_site(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], backend: str, port: int, expected: str
+) -> None:
+    # eZ's layout: <root>/settings/override/file.ini.append.php, the mount relative to <root>.
+    root = tmp_path / "ezpublish"
+    (root / "settings" / "override").mkdir(parents=True)
+    (root / "var" / "nfs").mkdir(parents=True)
+    ini = root / "settings" / "override" / "file.ini.append.php"
+    ini.write_text(DFS_INI.format(backend=backend, port=port))
+    assert main(["site-from-ez", str(ini), "--name", "intranet",
+                 "--sites-dir", str(tmp_path / "sites")]) == 0
+    site = load_site(str(tmp_path / "sites" / "intranet.py"))
+    assert (site.backend, site.layout, site.dfs_mount_point) == (
+        expected, "dfs", str(root / "var" / "nfs"))
+    assert (site.host, site.port, site.database, site.user, site.password) == (
+        "db.example.org", port, "ezdfs", "fred", "s3cret")
+    err = capsys.readouterr().err
+    assert "not carried over: MaxCopyRetries: serve-image never copies a file to the mount" in err
+    assert "not carried over: MetaDataTableNameCache: eZ's cache files" in err
+    assert ("not carried over: [ClusteringSettings] DBBackend: eZDBFileHandler's, not used by "
+            "eZDFSFileHandler") in err
+    assert f"DFS_MOUNT_POINT: eZ's 'var/nfs' is relative to the eZ root, taken to be {root}" in err
+    assert "s3cret" not in err
+
+
+@pytest.mark.parametrize(("backend", "expected"), [("dfsmysqli", "mysql"),
+                                                   ("dfspostgresql", "pgsql")])
+def test_a_dfs_config_cluster_php_becomes_a_dfs_site(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], backend: str, expected: str
+) -> None:
+    mount = tmp_path / "mnt" / "nfs"
+    mount.mkdir(parents=True)
+    text = (f"<?php\ndefine( 'CLUSTER_STORAGE_BACKEND', '{backend}' );\n"
+            "define( 'CLUSTER_STORAGE_HOST', 'db' );\n"
+            "define( 'CLUSTER_STORAGE_USER', 'ez' );\n"
+            "define( 'CLUSTER_STORAGE_PASS', 'pw' );\n"
+            "define( 'CLUSTER_STORAGE_DB', 'ezdfs' );\n"
+            f"define( 'CLUSTER_MOUNT_POINT_PATH', '{mount}' );\n"
+            "define( 'CLUSTER_METADATA_TABLE_CACHE', 'ezdfsfile_cache' );\n"
+            "define( 'CLUSTER_METADATA_CACHE_PATH', '/cache/' );\n"
+            "define( 'CLUSTER_METADATA_STORAGE_PATH', '/storage/' );\n")
+    assert _run(tmp_path, "config.cluster.php", text) == 0
+    written = (tmp_path / "sites" / "intranet.py").read_text()
+    assert written.splitlines()[2:5] == [
+        f"STORAGE_BACKEND = {expected!r}", "STORAGE_LAYOUT = 'dfs'",
+        f"DFS_MOUNT_POINT = {str(mount)!r}"]
+    site = load_site(str(tmp_path / "sites" / "intranet.py"))
+    assert (site.backend, site.layout, site.dfs_mount_point, site.database) == (
+        expected, "dfs", str(mount), "ezdfs")
+    err = capsys.readouterr().err
+    for name in ("CLUSTER_METADATA_TABLE_CACHE", "CLUSTER_METADATA_CACHE_PATH",
+                 "CLUSTER_METADATA_STORAGE_PATH"):
+        assert f"not carried over: {name}: eZ's cache files" in err
+
+
+def test_a_dfs_cluster_keeps_the_dfs_layout(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    text = ("<?php define('CLUSTER_STORAGE_BACKEND', 'dfsmysqli'); "
+            f"define('CLUSTER_STORAGE_DB', 'c'); define('CLUSTER_MOUNT_POINT_PATH', '{tmp_path}');")
+    assert _run(tmp_path, "config.cluster.php", text, "--layout", "chunks") == 1
+    assert capsys.readouterr().err.endswith(
+        "a DFS cluster: --layout chunks does not apply (dfs)\n")

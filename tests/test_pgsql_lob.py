@@ -116,7 +116,7 @@ def test_unknown_layout_is_refused() -> None:
             "sites/old.py",
         )
     assert str(e.value) == (
-        "sites/old.py: STORAGE_LAYOUT must be one of 'chunks', 'largeobject', not 'lob'"
+        "sites/old.py: STORAGE_LAYOUT must be one of 'chunks', 'largeobject', 'dfs', not 'lob'"
     )
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from serve_image.apache import DEFAULT_UPSTREAM, MODES, UpstreamError, apache_snippet
+from serve_image.apache import DEFAULT_UPSTREAM, MODES, SnippetError, UpstreamError, apache_snippet
 from serve_image.cli import CommandError, add_site_argument
 from serve_image.settings import load_site
 
@@ -14,7 +14,7 @@ def cmd_apache_snippet(args: argparse.Namespace) -> int:
     settings = load_site(args.site)
     try:
         text = apache_snippet(settings, args.upstream, args.mode)
-    except UpstreamError as e:
+    except (UpstreamError, SnippetError) as e:
         raise CommandError(str(e)) from None
     sys.stdout.write(text)
     return 0

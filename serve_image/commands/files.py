@@ -1,4 +1,4 @@
-"""`serve-image import`, `export`, `ls`, `stat`, `cat`, `rm`, `purge` and `verify`."""
+"""`serve-image import`, `export`, `copy`, `ls`, `stat`, `cat`, `rm`, `purge` and `verify`."""
 
 from __future__ import annotations
 
@@ -12,10 +12,12 @@ from pathlib import Path
 
 from serve_image.cli import CommandError, add_site_argument, run_with_storage
 from serve_image.cluster import ClusterFiles, FileBroken
+from serve_image.copy import CopyTally, SiteCopy
+from serve_image.litefs import replica_message, replica_primary
 from serve_image.progress import Progress, human_bytes
 from serve_image.purge import PurgeReport
 from serve_image.settings import Settings, load_site
-from serve_image.storage import Layout, StoredFile
+from serve_image.storage import Layout, StoredFile, make_layout
 from serve_image.transfer import Importer, Tally, TransferError, export_tree
 from serve_image.watch import Journal, Watcher
 
@@ -123,6 +125,40 @@ def cmd_export(args: argparse.Namespace) -> int:
     started = time.monotonic()
     tally = asyncio.run(run_with_storage(settings, work, readonly=True))
     print(_summary("exported", tally, time.monotonic() - started))
+    return 1 if tally.failed else 0
+
+
+def cmd_copy(args: argparse.Namespace) -> int:
+    source, target = load_site(args.source), load_site(args.target)
+    if args.jobs < 1:
+        raise CommandError("--jobs must be at least 1")
+    if (source.describe(), source.layout) == (target.describe(), target.layout):
+        raise CommandError(f"--from {args.source} and --to {args.target} are the same storage")
+    primary = replica_primary(target)
+    if primary is not None:
+        raise CommandError(replica_message(target, primary))
+
+    async def work() -> CopyTally:
+        # The source is only read: a LiteFS replica or a read-only SQLite file will do.
+        src, dst = make_layout(source, readonly=True), make_layout(target)
+        progress = Progress("copy", enabled=not args.quiet)
+        await src.connect()
+        try:
+            await dst.connect()
+            try:
+                return await SiteCopy(ClusterFiles(src), ClusterFiles(dst), progress,
+                                      jobs=_jobs(target, args.jobs)).run()
+            finally:
+                await dst.close()
+        finally:
+            progress.close()
+            await src.close()
+
+    started = time.monotonic()
+    tally = asyncio.run(work())
+    print(_summary("copied", Tally(stored=tally.copied, stored_bytes=tally.copied_bytes,
+                                   skipped=tally.skipped, failed=tally.failed),
+                   time.monotonic() - started))
     return 1 if tally.failed else 0
 
 
@@ -275,6 +311,22 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="no progress, only problems and the summary")
     p.set_defaults(func=cmd_export)
 
+    p = sub.add_parser(
+        "copy", help="copy every live file of one site into another (any layouts; resumable)",
+        description="Copy every live file of the site --from into the site --to, whatever "
+                    "their layouts (for example an eZ 4.x database cluster into a DFS "
+                    "cluster). A file whose row in --to has the same size and mtime is "
+                    "skipped, so an interrupted run is finished by running it again.",
+    )
+    p.add_argument("--from", dest="source", required=True, metavar="SITE_A",
+                   help="the site to read (name or path of a site file)")
+    p.add_argument("--to", dest="target", required=True, metavar="SITE_B",
+                   help="the site to write (its tables must exist: init-db)")
+    p.add_argument("--jobs", type=int, default=4, metavar="N", help="files copied at once (4)")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress, only problems and the summary")
+    p.set_defaults(func=cmd_copy)
+
     p = sub.add_parser("ls", help="list stored files by name")
     add_site_argument(p)
     p.add_argument("prefix", nargs="?", default="", metavar="PREFIX")
@@ -309,6 +361,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--dry-run", action="store_true", help="count, remove nothing")
     p.set_defaults(func=cmd_purge)
 
-    p = sub.add_parser("verify", help="report live files whose chunks do not add up to their size")
+    p = sub.add_parser("verify", help="report live files whose stored bytes do not match their "
+                                      "row (and, on DFS, files on the mount with no row)")
     add_site_argument(p)
     p.set_defaults(func=cmd_verify)

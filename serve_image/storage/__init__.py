@@ -31,6 +31,7 @@ DRIVERS = {
 LAYOUTS = {
     "chunks": "serve_image.storage.layouts.chunks:ChunkLayout",
     "largeobject": "serve_image.storage.layouts.largeobject:LargeObjectLayout",
+    "dfs": "serve_image.storage.layouts.dfs:DfsLayout",
 }
 
 __all__ = [

@@ -25,7 +25,16 @@ class StatementFailed(StorageError):
 
 class FileUnavailable(StorageError):
     """A file's row is there but its bytes cannot be read now (a write in progress,
-    a shared mount that is slow or failing): try again shortly."""
+    a shared mount that is slow or failing): try again shortly.
+
+    `retry_after`: seconds to suggest to the client when the layout knows
+    better than the site's RETRY_AFTER (a write in progress is over in a
+    moment); None for the site's.
+    """
+
+    def __init__(self, message: str, *, retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class StreamAborted(StorageError):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self
 
 
 def is_live(mtime: int, expired: object) -> bool:
@@ -59,7 +59,7 @@ class StoredFile(FileMeta):
         return self.live and (self.size, self.mtime) == (size, mtime)
 
     @classmethod
-    def from_row(cls, row: Sequence[Any]) -> StoredFile:
+    def from_row(cls, row: Sequence[Any]) -> Self:
         """From the columns name, name_hash, datatype, scope, size, mtime, expired."""
         return cls(row[1], row[2], int(row[4]), int(row[5]), bool(row[6]), row[0], row[3])
 

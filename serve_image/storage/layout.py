@@ -93,6 +93,11 @@ class Layout(abc.ABC):
     async def check(self, meta: FileMeta) -> None:  # noqa: B027 - the rows' own check suffices
         """Before the headers go out: raise FileUnavailable if this version cannot be read now."""
 
+    def local_path(self, meta: FileMeta) -> str | None:
+        """The file's bytes as a file on a file system this node sees (OFFLOAD hands it
+        to the web server); None when they are in the database."""
+        return None
+
     @abc.abstractmethod
     def read(self, meta: FileMeta, start: int, end: int) -> AsyncGenerator[bytes, None]:
         """Bytes start..end (inclusive) of exactly this version, in pieces.

@@ -154,6 +154,10 @@ class ReplicaLayout(Layout):
         oks = await asyncio.gather(*(self._ready(m, got) for m, got in found.values()))
         return [h for h, ok in zip(found, oks, strict=True) if ok]
 
+    def local_path(self, meta: FileMeta) -> str | None:
+        # One shared mount (DFS) whichever database the row came from.
+        return self.primary.local_path(meta)
+
     async def check(self, meta: FileMeta) -> None:
         try:
             await self.replica.check(meta)
