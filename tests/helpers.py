@@ -16,7 +16,7 @@ import httpx
 from serve_image.app import ServeImage
 from serve_image.settings import Settings
 from serve_image.storage import BrokenFile, FileMeta, First, Layout, StoredFile
-from serve_image.storage.pieces import Chunk, FetchPieces, read_pieces
+from serve_image.storage.pieces import Chunk, FetchPieces
 from tests.servers import free_port as free_port  # re-exported for the tests
 
 IMG = "var/site/storage/images"
@@ -70,6 +70,18 @@ class SpyLayout(Layout):
         self.inner = inner
         self.calls: list[str] = []
         self.limits: list[int] = []  # pieces asked of each fetch_chunks
+        # The inner layout's own walk (`read`) fetches through this instance
+        # attribute, so each batch it reads is counted.
+        fetch: FetchPieces | None = getattr(inner, "fetch_chunks", None)
+        if fetch is not None:
+            async def counted(
+                meta: FileMeta, start: int, end: int, limit: int, aligned: bool = False
+            ) -> list[Chunk]:
+                self.calls.append("fetch_chunks")
+                self.limits.append(limit)
+                return await fetch(meta, start, end, limit, aligned)
+
+            inner.fetch_chunks = counted  # type: ignore[attr-defined]
 
     def reset(self) -> None:
         """Forget the reads so far (a test's own set-up requests)."""
@@ -111,15 +123,11 @@ class SpyLayout(Layout):
     async def check(self, meta: FileMeta) -> None:
         await self.inner.check(meta)
 
-    async def fetch_chunks(self, meta: FileMeta, start: int, end: int, limit: int) -> list[Chunk]:
-        self.calls.append("fetch_chunks")
-        self.limits.append(limit)
-        fetch: FetchPieces = self.inner.fetch_chunks  # type: ignore[attr-defined]
-        return await fetch(meta, start, end, limit)
-
     def read(self, meta: FileMeta, start: int, end: int) -> AsyncGenerator[bytes, None]:
-        # The inner layout's checked walk over our counted fetches.
-        return read_pieces(self.fetch_chunks, meta, start, end)
+        return self.inner.read(meta, start, end)
+
+    def local_path(self, meta: FileMeta) -> str | None:
+        return self.inner.local_path(meta)
 
     async def store(self, name: str, pieces: Iterable[bytes], **kw: Any) -> None:
         await self.inner.store(name, pieces, **kw)

@@ -59,10 +59,11 @@ class Chunk:
     data: bytes
 
 
-# fetch(meta, start, end, limit): at most `limit` pieces of this version of
-# the file that overlap bytes start..end, by offset, the first holding
-# `start`; none when the row no longer has this version (replaced, deleted).
-FetchPieces = Callable[[FileMeta, int, int, int], Awaitable[list[Chunk]]]
+# fetch(meta, start, end, limit, aligned): at most `limit` pieces of this
+# version of the file that overlap bytes start..end, by offset, the first
+# holding `start`; none when the row no longer has this version (replaced,
+# deleted). `aligned`: `start` is where the previous batch's last piece ended.
+FetchPieces = Callable[[FileMeta, int, int, int, bool], Awaitable[list[Chunk]]]
 
 # A body is read this many bytes at a time (whole pieces, at least one): few
 # round trips for big files, bounded memory per reader.
@@ -81,16 +82,17 @@ async def read_pieces(
     database is lost. A batch is fetched (and its connection given back)
     before any of its pieces is yielded.
     """
-    pos, limit = start, FIRST_BATCH_ROWS
+    pos, limit, aligned = start, FIRST_BATCH_ROWS, False
     while pos <= end:
         try:
-            chunks = await fetch(meta, pos, end, limit)
+            chunks = await fetch(meta, pos, end, limit, aligned)
         except DatabaseUnavailable as e:
             raise StreamAborted(f"database lost: {e}") from None
         except StatementFailed as e:
             raise StreamAborted(f"read refused: {e}") from None
         if not chunks:
             raise StreamAborted("file replaced, deleted or missing chunks")
+        aligned = True
         longest = 0
         for chunk in chunks:
             length = len(chunk.data)

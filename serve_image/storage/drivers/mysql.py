@@ -15,6 +15,9 @@ from serve_image.storage.drivers.failover import HostPool
 from serve_image.storage.drivers.pooled import Errors, PooledDriver
 
 _QUOTED = re.compile(r'"(\w+)"')
+# Prepared statements kept per connection (asyncmy): the endpoint's reads are
+# a handful, the batched ones in seven sizes (batching.py, rows.padded).
+STATEMENT_CACHE = 64
 # Network failures look the same under both drivers.
 _NETWORK_ERRORS: Errors = (OSError, TimeoutError, ConnectionError)
 
@@ -48,6 +51,11 @@ class _HostPool(HostPool[Any]):
         super().__init__(address)
         self.settings = settings
         self.module = module
+        # asyncmy runs a statement it has seen as a server-side prepared
+        # statement (binary protocol): the server parses it once per
+        # connection, and the bytes come back without escaping. The endpoint
+        # sends a few statements only (bench/README.md has what it saves).
+        self.options = {"stmt_cache_size": STATEMENT_CACHE} if module.__name__ == "asyncmy" else {}
         self._pool: Any = None
 
     async def open(self) -> None:
@@ -62,7 +70,7 @@ class _HostPool(HostPool[Any]):
         self._pool = await self.module.create_pool(
             minsize=0, maxsize=s.pool_size, user=s.user, password=s.password, db=s.database,
             charset=s.charset, autocommit=True, connect_timeout=s.connect_timeout,
-            pool_recycle=3600, **target,
+            pool_recycle=3600, **target, **self.options,
         )
 
     async def acquire(self, wait: float) -> Any:

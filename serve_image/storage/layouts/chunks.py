@@ -110,11 +110,12 @@ _FIRST_COLUMNS = (
 FIRST = _FIRST_COLUMNS + "WHERE f.name_hash = ?"
 FIRST_MANY = _FIRST_COLUMNS + "WHERE f.name_hash IN (?*)"
 
-# Chunks of one version overlapping bytes start..end: a key range on the
-# primary key (name_hash, offset). The sub-select finds the chunk holding
-# `start` whatever the chunk lengths are. Joining the file row with its
-# mtime and size makes the rows vanish if the file was replaced; expired
-# too, because soft-deleting a file of mtime 0 leaves its mtime at 0.
+# A read's first batch: the chunks of one version overlapping bytes
+# start..end, a key range on the primary key (name_hash, offset). The
+# sub-select finds the chunk holding `start` whatever the chunk lengths are.
+# Joining the file row with its mtime and size makes the rows vanish if the
+# file was replaced; expired too, because soft-deleting a file of mtime 0
+# leaves its mtime at 0.
 CHUNKS = (
     'SELECT d."offset", d.filedata FROM ezdbfile_data d '
     "JOIN ezdbfile f ON f.name_hash = d.name_hash AND f.mtime = ? AND f.size = ? "
@@ -123,6 +124,14 @@ CHUNKS = (
     '(SELECT COALESCE(MAX("offset"), 0) FROM ezdbfile_data '
     'WHERE name_hash = ? AND "offset" <= ?) '
     'ORDER BY d."offset" LIMIT ?'
+)
+# The batches after it start where the last one ended: no sub-select, the
+# same join.
+CHUNKS_AFTER = (
+    'SELECT d."offset", d.filedata FROM ezdbfile_data d '
+    "JOIN ezdbfile f ON f.name_hash = d.name_hash AND f.mtime = ? AND f.size = ? "
+    "AND f.expired = ? "
+    'WHERE d.name_hash = ? AND d."offset" >= ? AND d."offset" <= ? ORDER BY d."offset" LIMIT ?'
 )
 # Offset and length of every chunk of some files, without their bytes (verify).
 CHUNK_LAYOUT = (
@@ -155,12 +164,19 @@ class ChunkLayout(RowLayout):
         rows = await self.driver.fetch(with_keys(FIRST_MANY, len(keys)), *keys)
         return {r[0]: (FileMeta.from_row(r), r[5]) for r in rows}
 
-    async def fetch_chunks(self, meta: FileMeta, start: int, end: int, limit: int) -> list[Chunk]:
+    async def fetch_chunks(
+        self, meta: FileMeta, start: int, end: int, limit: int, aligned: bool = False
+    ) -> list[Chunk]:
         """At most `limit` chunks of this version overlapping start..end (pieces.FetchPieces)."""
         h = meta.name_hash
-        rows = await self.driver.fetch(
-            CHUNKS, meta.mtime, meta.size, False, h, end, h, start, limit, retry=False
-        )
+        if aligned:
+            rows = await self.driver.fetch(
+                CHUNKS_AFTER, meta.mtime, meta.size, False, h, start, end, limit, retry=False
+            )
+        else:
+            rows = await self.driver.fetch(
+                CHUNKS, meta.mtime, meta.size, False, h, end, h, start, limit, retry=False
+            )
         return [Chunk(o, d) for o, d in rows]
 
     def read(self, meta: FileMeta, start: int, end: int) -> AsyncGenerator[bytes, None]:

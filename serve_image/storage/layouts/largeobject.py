@@ -95,8 +95,11 @@ class LargeObjectLayout(RowLayout):
         rows = await self.driver.fetch(with_keys(FIRST_MANY, len(keys)), self.piece, *keys)
         return {r[0]: (FileMeta.from_row(r), r[5]) for r in rows}
 
-    async def fetch_chunks(self, meta: FileMeta, start: int, end: int, limit: int) -> list[Chunk]:
-        """At most `limit` pieces of this version overlapping start..end (pieces.FetchPieces)."""
+    async def fetch_chunks(
+        self, meta: FileMeta, start: int, end: int, limit: int, aligned: bool = False
+    ) -> list[Chunk]:
+        """At most `limit` pieces of this version overlapping start..end (pieces.FetchPieces):
+        every batch joins the row, so the walk needs no recheck."""
         piece = self.piece
         last = min(end, start + (max(1, limit) - 1) * piece)
         rows = await self.driver.fetch(
