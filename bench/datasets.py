@@ -120,6 +120,30 @@ def _prime_on(conn: http.client.HTTPConnection, system: System, small: list[str]
         raise RuntimeError(f"{system.name}: GET /{large[0]} gave {status}, {len(body)} bytes")
 
 
+# The DFS systems' layout (`dfs_sites`): the same files, their rows in
+# ezdfsfile, their bytes on a mount of their own.
+DFS_BACKENDS = ("mysql", "pgsql")
+OFFLOAD = "x-accel-redirect:/__dfs/"
+
+
+def dfs_systems(tmp: Path, mount: Path, sites: dict[str, dict[str, Any]],
+                servers: dict[str, procfs.DatabaseServer | None]) -> list[System]:
+    """Per backend, serve-image on a DFS site with 1 worker, and nginx in front of it with
+    OFFLOAD (nginx sends the files); nginx serving the mount itself."""
+    out = []
+    for backend, constants in sites.items():
+        site = systems.site_file(tmp / f"site_{backend}_dfs.py", constants)
+        out.append(systems.serve_image(f"serve-image-{backend}-dfs-1w", site, 1,
+                                       servers[backend]))
+        offload = systems.site_file(tmp / f"site_{backend}_dfs_offload.py",
+                                    {**constants, "OFFLOAD": OFFLOAD})
+        out.append(systems.nginx_offload(f"serve-image-{backend}-dfs-offload", tmp, offload,
+                                         servers[backend]))
+    if sites:
+        out.append(systems.nginx(tmp, mount, "nginx-mount"))
+    return out
+
+
 def standard_systems(tmp: Path, docroot: Path, sites: dict[str, dict[str, Any]],
                      servers: dict[str, procfs.DatabaseServer | None]) -> list[System]:
     """serve-image per backend with 1 and 2 workers (and MariaDB with aiomysql, with
@@ -153,7 +177,9 @@ def standard_systems(tmp: Path, docroot: Path, sites: dict[str, dict[str, Any]],
 @asynccontextmanager
 async def standard(ctx: Context) -> AsyncIterator[Stage]:
     docroot = ctx.tmp / "root"
+    mount = ctx.tmp / "mount"
     dbs = Databases(ctx.tmp)
+    dfs_dbs = Databases(ctx.tmp)
     chosen: list[System] = []
     try:
         print(f"bench: writing files under {docroot}", flush=True)
@@ -166,8 +192,18 @@ async def standard(ctx: Context) -> AsyncIterator[Stage]:
         await asyncio.gather(*(_fill_timed(b, c, docroot, names, notes)
                                for b, c in sites.items()))
         servers = await _servers(sites, notes)
-        chosen = [s for s in standard_systems(ctx.tmp, docroot, sites, servers)
-                  if ctx.wanted(s.name)]
+        candidates = standard_systems(ctx.tmp, docroot, sites, servers)
+        dfs = [b for b in DFS_BACKENDS if b in ctx.backends]
+        if any(ctx.wanted(f"serve-image-{b}-dfs-{kind}") for b in dfs
+               for kind in ("1w", "offload")):
+            mount.mkdir(mode=0o755)
+            dfs_sites = {b: {**await dfs_dbs.create(b), "STORAGE_LAYOUT": "dfs",
+                             "DFS_MOUNT_POINT": str(mount)} for b in dfs}
+            # One after the other: both write the same files to the one mount.
+            for b, c in dfs_sites.items():
+                await _fill_timed(f"{b}-dfs", c, docroot, names, notes)
+            candidates += dfs_systems(ctx.tmp, mount, dfs_sites, servers)
+        chosen = [s for s in candidates if ctx.wanted(s.name)]
         _start(chosen, ctx.tmp, files.small[0])
         paths: dict[str, dict[str, Path]] = {}
         large = ctx.tmp / "paths_large.txt"
@@ -183,6 +219,7 @@ async def standard(ctx: Context) -> AsyncIterator[Stage]:
     finally:
         _stop(chosen)
         await dbs.drop_all()
+        await dfs_dbs.drop_all()
 
 
 # -- realistic: bench/realistic.py ------------------------------------------------

@@ -198,9 +198,22 @@ def targets(
         Target("5 MiB MB/s, PostgreSQL 1 worker / naive >= 1.3",
                r("large", "serve-image-pgsql-1w", "vs_naive"), 1.3),
     ]
-    for system in sorted(s for s in rat.get("large", {}) if s.startswith("serve-image-")):
+    for system in sorted(s for s in rat.get("large", {})
+                         if s.startswith("serve-image-") and "-dfs" not in s):
         out.append(Target(f"5 MiB MB/s, {system} / nginx >= 0.4",
                           r("large", system, "vs_nginx"), 0.4))
+    # The DFS layout: the bytes on a mount (issue 13).
+    small = summaries.get("small", {})
+    for backend, text in (("mysql", "MariaDB"), ("pgsql", "PostgreSQL")):
+        out += [
+            Target(f"small, {text} DFS 1 worker / the chunk layout's >= 1",
+                   ratio(small.get(f"serve-image-{backend}-dfs-1w", {}).get("req_s"),
+                         small.get(f"serve-image-{backend}-1w", {}).get("req_s")), 1),
+            Target(f"5 MiB MB/s, {text} DFS 1 worker / nginx >= 0.6",
+                   r("large", f"serve-image-{backend}-dfs-1w", "vs_nginx"), 0.6),
+            Target(f"5 MiB MB/s, {text} DFS with offload through nginx / nginx >= 0.9",
+                   r("large", f"serve-image-{backend}-dfs-offload", "vs_nginx"), 0.9),
+        ]
     for system in sorted(s for s in rat.get("realistic", {})
                          if s.startswith("serve-image-") and s.endswith("-cache")):
         out.append(Target(f"realistic req/s, {system} / nginx >= 0.25",

@@ -12,6 +12,7 @@ import contextlib
 import http.client
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -147,18 +148,50 @@ def serve_image(name: str, site: Path, workers: int = 1,
         port, database=database, metrics_path=METRICS_PATH if metrics else None)
 
 
-def nginx(tmp: Path, docroot: Path, name: str = "nginx") -> System:
-    """nginx serving `docroot` from disk, one worker per CPU."""
-    port = free_port()
+# nginx's own location: every file from disk.
+STATIC = """        location / {
+            expires 100m;
+            add_header X-Content-Type-Options nosniff;
+        }"""
+
+
+def _nginx_argv(tmp: Path, docroot: Path, name: str, port: int, locations: str) -> list[str]:
     conf = tmp / f"{name}.conf"
     conf.write_text(
         (HERE / "nginx.conf.template").read_text()
         .replace("@WORKERS@", "auto").replace("@TMP@", str(tmp)).replace("@NAME@", name)
         .replace("@PORT@", str(port)).replace("@ROOT@", str(docroot))
+        .replace("@LOCATIONS@", locations)
     )
     binary = shutil.which("nginx") or "/usr/sbin/nginx"
-    return System(name, [binary, "-c", str(conf), "-p", str(tmp),
-                         "-e", str(tmp / f"{name}-error.log")], port)
+    return [binary, "-c", str(conf), "-p", str(tmp), "-e", str(tmp / f"{name}-error.log")]
+
+
+def nginx(tmp: Path, docroot: Path, name: str = "nginx") -> System:
+    """nginx serving `docroot` from disk, one worker per CPU."""
+    port = free_port()
+    return System(name, _nginx_argv(tmp, docroot, name, port, STATIC), port)
+
+
+def nginx_offload(name: str, tmp: Path, site: Path,
+                  database: procfs.DatabaseServer | None = None) -> System:
+    """nginx in front of `serve-image serve` of a DFS site with OFFLOAD x-accel-redirect:
+    serve-image answers, nginx sends the files from the mount. One system: nginx's
+    and serve-image's processes are one tree (`sh` starts serve-image, then becomes
+    nginx), so its CPU is both."""
+    from serve_image.apache import nginx_location, nginx_offload_location
+    from serve_image.settings import load_site
+
+    settings = load_site(str(site))
+    upstream_port, port = free_port(), free_port()
+    locations = (nginx_location(settings, f"http://127.0.0.1:{upstream_port}")
+                 + nginx_offload_location(settings))
+    indented = "\n".join(f"        {line}" if line else "" for line in locations.splitlines())
+    nginx_argv = _nginx_argv(tmp, Path(settings.dfs_mount_point or "/"), name, port, indented)
+    serve = [str(VENV_BIN / "serve-image"), "serve", "--site", str(site), "--port",
+             str(upstream_port), "--log-level", "warning"]
+    script = f"{shlex.join(serve)} & exec {shlex.join(nginx_argv)}"
+    return System(name, ["/bin/sh", "-c", script], port, database=database)
 
 
 def naive(backend: str, site: Path, database: procfs.DatabaseServer | None = None) -> System:

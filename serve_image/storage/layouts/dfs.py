@@ -113,6 +113,8 @@ UPSERT = {
 # Files up to this size are read whole with their row (`first`): one trip to
 # the mount for a small image.
 WHOLE_READ = 256 * 1024
+# Small files read in one trip to the mount's pool, for a batch of requests.
+FILES_PER_TRIP = 32
 # A body is read this many bytes a trip to the mount (bounded memory per reader).
 READ_BYTES = 512 * 1024
 # A store writes this many bytes a trip.
@@ -205,23 +207,46 @@ class DfsLayout(RowLayout):
         if not f.live or f.size > WHOLE_READ:
             return f, None
         try:
-            return f, await self.on_mount(mount.read_whole, self.root, f.name, f.size)
+            return self._first_of(f, await self.on_mount(mount.read_whole, self.root, f.name,
+                                                          f.size))
         except MountError as e:
-            # Raised by `check` before any header goes out: each file of a
-            # batch fails alone.
-            unavailable = _unavailable(e)
-            return dataclasses.replace(f, problem=str(e),
-                                       retry_after=unavailable.retry_after), None
+            return self._first_of(f, e)
+
+    @staticmethod
+    def _first_of(f: MountedFile, data: bytes | MountError) -> First:
+        if not isinstance(data, MountError):
+            return f, data
+        # Raised by `check` before any header goes out: each file of a batch
+        # fails alone.
+        unavailable = _unavailable(data)
+        return dataclasses.replace(f, problem=str(data),
+                                   retry_after=unavailable.retry_after), None
 
     async def first(self, name_hash: str) -> First | None:
         f = await self.meta(name_hash)
         return None if f is None else await self._with_bytes(f)
 
     async def first_many(self, hashes: Sequence[str]) -> dict[str, First]:
-        found = await self.meta_many(hashes)
-        got = await asyncio.gather(*(self._with_bytes(f) for f in found.values()
-                                     if isinstance(f, MountedFile)))
-        return {meta.name_hash: (meta, data) for meta, data in got}
+        found = [f for f in (await self.meta_many(hashes)).values()
+                 if isinstance(f, MountedFile)]
+        small = [f for f in found if f.live and f.size <= WHOLE_READ]
+        # A few small files per trip to the pool: a trip costs the event loop
+        # more than a read from the page cache, and groups still read in
+        # parallel from a slow mount. A hung file fails its group alone.
+        groups = [small[i:i + FILES_PER_TRIP] for i in range(0, len(small), FILES_PER_TRIP)]
+        read = await asyncio.gather(*(self._read_group(g) for g in groups))
+        got: dict[str, First] = {f.name_hash: (f, None) for f in found}
+        for group, results in zip(groups, read, strict=True):
+            for f, data in zip(group, results, strict=True):
+                got[f.name_hash] = self._first_of(f, data)
+        return got
+
+    async def _read_group(self, group: list[MountedFile]) -> list[bytes | MountError]:
+        try:
+            return await self.on_mount(mount.read_many, self.root,
+                                       [(f.name, f.size) for f in group])
+        except MountError as e:
+            return [e] * len(group)
 
     async def _name(self, meta: FileMeta) -> str:
         if isinstance(meta, StoredFile):
