@@ -24,9 +24,9 @@ VAR = "var/bench/storage/images"
 # filled has not, and PostgreSQL's autovacuum would then run (and set hint
 # bits) during the first rounds, against whichever system is measured then.
 SETTLE = {
-    "pgsql": ("VACUUM ANALYZE ezdbfile", "VACUUM ANALYZE ezdbfile_data"),
-    "mysql": ("ANALYZE TABLE ezdbfile, ezdbfile_data",),
-    "sqlite": ("ANALYZE",),
+    "pgsql": "VACUUM ANALYZE {tables}",
+    "mysql": "ANALYZE TABLE {tables}",
+    "sqlite": "ANALYZE",
 }
 
 
@@ -99,7 +99,7 @@ async def fill(constants: dict[str, Any], root: Path, names: Sequence[str]) -> N
     try:
         await layout.create_tables()
         await asyncio.gather(*(store(n) for n in names))
-        for statement in SETTLE[settings.backend]:
-            await layout.driver.execute(statement)
+        tables = ", ".join(getattr(layout, "ddl", {}))  # the layout's tables (rows.RowLayout)
+        await layout.driver.execute(SETTLE[settings.backend].format(tables=tables))
     finally:
         await layout.close()
