@@ -87,6 +87,8 @@ def parse_etags(value: str) -> list[tuple[bool, str]] | None:
 
 
 def _matches(header: str, etag: str, weak: bool) -> bool:
+    if header == etag:
+        return True  # the one tag the client was given, sent back: a match either way
     tags = parse_etags(header)
     if tags is None:
         return True  # `*`: any current representation (the file exists here)

@@ -29,7 +29,8 @@ Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
-Headers = list[tuple[bytes, bytes]]
+Header = tuple[bytes, bytes]
+Headers = list[Header]
 
 logger = logging.getLogger("serve_image.endpoint")
 
@@ -42,8 +43,8 @@ _WANTED = frozenset(
 _CONDITIONS = (b"if-match", b"if-none-match", b"if-modified-since", b"if-unmodified-since")
 # RFC 9110 §15.4.5: a 304 carries the fields a 200 would have sent among
 # Cache-Control, Content-Location, Date, ETag, Expires and Vary; Date comes
-# from the server.
-_NOT_MODIFIED_FIELDS = frozenset((b"cache-control", b"etag", b"expires"))
+# from the server, Expires is added per request.
+_NOT_MODIFIED_FIELDS = frozenset((b"cache-control", b"etag"))
 
 
 class ImageEndpoint:
@@ -92,8 +93,9 @@ class ImageEndpoint:
 
     def _build_headers(
         self, meta: FileMeta, versioned: bool, name: str
-    ) -> tuple[str | None, tuple[tuple[bytes, bytes], ...]]:
-        """The ETag, and every header of a 200 but Expires and Content-Length."""
+    ) -> tuple[str | None, tuple[Header, ...], tuple[Header, ...]]:
+        """The ETag; every header of a 200 but Expires and Content-Length; those of a 304
+        but Expires."""
         s = self.settings
         etag = None
         if s.http_cache:
@@ -109,7 +111,8 @@ class ImageEndpoint:
             headers.append((b"content-disposition", content_disposition(name)))
         if self.key_header is not None:
             headers.append((self.key_header, meta.name_hash.encode("latin-1")))
-        return etag, tuple(headers)
+        not_modified = tuple(h for h in headers if h[0] in _NOT_MODIFIED_FIELDS)
+        return etag, tuple(headers), not_modified
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         raw_path: bytes = scope.get("raw_path") or scope["path"].encode("utf-8")
@@ -156,9 +159,9 @@ class ImageEndpoint:
         if meta is None or not meta.live:
             raise NotFound()
 
-        etag, file_headers = self._file_headers(meta, file.versioned, file.name)
+        etag, file_headers, not_modified = self._file_headers(meta, file.versioned, file.name)
         last_modified = meta.mtime if s.http_cache else None
-        headers: Headers = [*file_headers, (b"expires", self.clock.expires())]
+        expires = (b"expires", self.clock.expires())
 
         if conditional_request:
             outcome = conditional.evaluate(
@@ -171,10 +174,11 @@ class ImageEndpoint:
             if outcome is conditional.Outcome.PRECONDITION_FAILED:
                 raise PreconditionFailed()
             if outcome is conditional.Outcome.NOT_MODIFIED:
-                kept = [h for h in headers if h[0] in _NOT_MODIFIED_FIELDS]
-                await send({"type": "http.response.start", "status": 304, "headers": kept})
+                await send({"type": "http.response.start", "status": 304,
+                            "headers": [*not_modified, expires]})
                 await send({"type": "http.response.body", "body": b""})
                 return
+        headers: Headers = [*file_headers, expires]
 
         wanted = None
         if range_header is not None:

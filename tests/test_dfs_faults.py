@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,14 +31,33 @@ HERE = Path(__file__).resolve().parent
 BIG = payload(WHOLE_READ + 1000, 3)
 
 
+# The FUSE mount points live here, outside pytest's own temporary directories:
+# a run killed before its clean-up leaves a dead mount, which pytest could not
+# remove with its old directories; the next run unmounts it.
+MOUNTS = "/tmp/si-fuse-"
+
+
+def _unmount_dead(fusermount: str) -> None:
+    for line in Path("/proc/self/mounts").read_text().splitlines():
+        where = line.split()[1]
+        if where.startswith(MOUNTS):
+            try:
+                os.stat(where)
+            except OSError:  # ENOTCONN: its file system process is gone
+                subprocess.run([fusermount, "-u", "-z", where], capture_output=True, timeout=30)
+                shutil.rmtree(Path(where).parent, ignore_errors=True)
+
+
 @pytest.fixture
 def fuse_mount(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
     """(backing directory, FUSE mount point showing it, with its faults)."""
     if not os.path.exists("/dev/fuse"):
         unavailable("needs /dev/fuse: FUSE is not available to this machine")
     fusermount = program("fusermount3")
-    backing, mnt = tmp_path / "backing", tmp_path / "mnt"
+    _unmount_dead(fusermount)
+    backing = tmp_path / "backing"
     backing.mkdir()
+    mnt = Path(tempfile.mkdtemp(prefix=MOUNTS.rsplit("/", 1)[1], dir="/tmp")) / "mnt"
     mnt.mkdir()
     files = {f"{IMG}/ok.jpg": b"fine", f"{IMG}/photo.eio.jpg": b"unreadable",
              f"{IMG}/photo.estale.jpg": b"stale", f"{IMG}/old.estale.dir/p.jpg": b"stale dir",
@@ -62,6 +83,9 @@ def fuse_mount(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        if os.path.ismount(mnt):  # busy at the first try: detach it now it is dead
+            subprocess.run([fusermount, "-u", "-z", str(mnt)], capture_output=True, timeout=30)
+        shutil.rmtree(mnt.parent, ignore_errors=True)
 
 
 @pytest.mark.parametrize("backend", ["mysql", "pgsql"])

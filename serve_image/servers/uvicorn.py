@@ -37,6 +37,11 @@ class Protocol(HttpToolsProtocol):
     def __init__(self, *args: Any, header_timeout: float, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.header_timeout = header_timeout
+        # When the headers awaited now are late; None while a request is
+        # being answered. A request only moves this: the one timer of the
+        # connection looks at it when it fires, and is set again only then,
+        # rather than made and cancelled for every request.
+        self.header_deadline: float | None = None
         self.header_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -44,15 +49,18 @@ class Protocol(HttpToolsProtocol):
         CONNECTIONS.opened()
         # From the connection's start: a client that sends nothing at all is
         # closed too (uvicorn's keep-alive timer only starts after a response).
-        self._start_header_timer()
+        self._await_headers()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._stop_header_timer()
+        self.header_deadline = None
+        if self.header_timer is not None:
+            self.header_timer.cancel()
+            self.header_timer = None
         CONNECTIONS.closed()
         super().connection_lost(exc)
 
     def on_headers_complete(self) -> None:
-        self._stop_header_timer()
+        self.header_deadline = None
         super().on_headers_complete()
 
     def on_response_complete(self) -> None:
@@ -61,22 +69,25 @@ class Protocol(HttpToolsProtocol):
         waiting = not self.pipeline
         super().on_response_complete()
         if waiting and not self.transport.is_closing():
-            self._start_header_timer()
+            self._await_headers()
 
-    def _start_header_timer(self) -> None:
-        self._stop_header_timer()
-        self.header_timer = self.loop.call_later(self.header_timeout, self._headers_late)
+    def _await_headers(self) -> None:
+        self.header_deadline = self.loop.time() + self.header_timeout
+        if self.header_timer is None:
+            self.header_timer = self.loop.call_at(self.header_deadline, self._check_headers)
 
-    def _stop_header_timer(self) -> None:
-        if self.header_timer is not None:
-            self.header_timer.cancel()
-            self.header_timer = None
-
-    def _headers_late(self) -> None:
+    def _check_headers(self) -> None:
+        self.header_timer = None
+        deadline = self.header_deadline
+        if deadline is None:
+            return  # a request is being answered; its end sets a new deadline
+        if self.loop.time() < deadline:
+            self.header_timer = self.loop.call_at(deadline, self._check_headers)
+            return
         # Closed without a 408 (RFC 9110 §15.5.9 allows either): the client
         # may still be sending, and a response it does not read could be lost
         # to a reset anyway.
-        self.header_timer = None
+        self.header_deadline = None
         if not self.transport.is_closing():
             self.transport.close()
 
