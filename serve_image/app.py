@@ -59,6 +59,12 @@ STATUSES: dict[type[Exception], tuple[int, str]] = {
 }
 
 
+# Seconds a client is asked to wait for a file being written (eZ copies a
+# DFS file right after its row): short, unlike the site's RETRY_AFTER for
+# outages.
+IN_PROGRESS_RETRY_AFTER = 1
+
+
 def status_of(error: Exception) -> tuple[int, str]:
     for cls in type(error).__mro__:
         if cls in STATUSES:
@@ -167,7 +173,8 @@ class ServeImage:
             retry_after = None
             if isinstance(e, FileUnavailable):
                 logger.warning("503 for %s: %s", scope["path"], e)
-                retry_after = e.retry_after
+                if e.in_progress:
+                    retry_after = IN_PROGRESS_RETRY_AFTER
             await self.send_error(send, *status_of(e), extra, retry_after=retry_after)
 
     async def send_error(

@@ -521,3 +521,18 @@ def test_the_mysql_and_pgsql_ddl_are_ezs(tmp_path: Path) -> None:
         " ".join(s.split()) for s in EZ_DDL["mysql"]]
     assert " ".join(ddl("pgsql", "ezdfsfile")["ezdfsfile"][0].split()) == " ".join(
         EZ_DDL["pgsql"][0].split())
+
+
+async def test_the_layouts_of_one_mount_share_one_pool(site: Settings) -> None:
+    """A site that reads from replicas has two layouts over one mount: a hung NFS server
+    must hold DFS_THREADS threads in all, not twice that."""
+    primary, replica = make_layout(site), make_layout(site)
+    assert isinstance(primary, DfsLayout) and isinstance(replica, DfsLayout)
+    assert primary.pool is replica.pool
+    other = make_layout(dataclasses.replace(site, dfs_threads=site.dfs_threads + 1))
+    assert isinstance(other, DfsLayout) and other.pool is not primary.pool
+    await replica.close()
+    assert not primary.pool.closed  # still in use
+    await primary.close()
+    assert primary.pool.closed
+    await other.close()

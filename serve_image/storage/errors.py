@@ -27,14 +27,13 @@ class FileUnavailable(StorageError):
     """A file's row is there but its bytes cannot be read now (a write in progress,
     a shared mount that is slow or failing): try again shortly.
 
-    `retry_after`: seconds to suggest to the client when the layout knows
-    better than the site's RETRY_AFTER (a write in progress is over in a
-    moment); None for the site's.
+    `in_progress`: most likely a write under way (eZ stores the row, then
+    copies the file), over in a moment; otherwise the storage is failing.
     """
 
-    def __init__(self, message: str, *, retry_after: int | None = None) -> None:
+    def __init__(self, message: str, *, in_progress: bool = False) -> None:
         super().__init__(message)
-        self.retry_after = retry_after
+        self.in_progress = in_progress
 
 
 class StreamAborted(StorageError):

@@ -119,24 +119,49 @@ FILES_PER_TRIP = 32
 READ_BYTES = 512 * 1024
 # A store writes this many bytes a trip.
 WRITE_BYTES = 1024 * 1024
-# Seconds a client is asked to wait for a write in progress (eZ copies the
-# file right after its row): short, unlike the site's RETRY_AFTER for outages.
-IN_PROGRESS_RETRY = 1
 # Writes (import, copy, purge) are not on a request's path: a slow mount gets
 # at least this many seconds per step, yet a hung one still ends the command.
 WRITE_TIMEOUT = 60.0
+
+
+# One pool per mount (and bounds) in a process: the two layouts of a site
+# that reads from replicas (storage/replicas.py) share it, so a hung NFS
+# server holds at most DFS_THREADS threads. Counted, and closed with the last
+# layout that uses it.
+PoolKey = tuple[str, int, float]
+_pools: dict[PoolKey, tuple[BoundedPool, int]] = {}
+
+
+def _pool_for(settings: Settings) -> BoundedPool:
+    root = settings.dfs_mount_point or ""
+    key = (root, settings.dfs_threads, settings.dfs_timeout)
+    pool, users = _pools.get(key, (None, 0))
+    if pool is None or pool.closed:
+        pool, users = BoundedPool(settings.dfs_threads, settings.dfs_timeout,
+                                  f"the DFS mount {root}"), 0
+    _pools[key] = (pool, users + 1)
+    return pool
+
+
+def _release_pool(pool: BoundedPool) -> None:
+    for key, (held, users) in list(_pools.items()):
+        if held is pool:
+            if users > 1:
+                _pools[key] = (held, users - 1)
+                return
+            del _pools[key]
+    pool.close()
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class MountedFile(StoredFile):
     """A DFS row; `problem`: why its file could not be read with it (`first`), if it could not."""
 
-    problem: str | None = None
-    retry_after: int | None = None
+    problem: MountError | None = None
 
 
 def _unavailable(e: MountError) -> FileUnavailable:
-    return FileUnavailable(str(e), retry_after=IN_PROGRESS_RETRY if e.in_progress else None)
+    return FileUnavailable(str(e), in_progress=e.in_progress)
 
 
 def is_cache_path(name: str) -> bool:
@@ -154,24 +179,20 @@ class DfsLayout(RowLayout):
         if settings.dfs_mount_point is None:  # settings.py requires it for this layout
             raise ValueError("the dfs layout needs DFS_MOUNT_POINT")
         self.root = settings.dfs_mount_point
-        self.pool = self._new_pool()
+        self.pool = _pool_for(settings)
         self._row = f"SELECT {self.file_columns} FROM {table} WHERE name_hash = ?"
         self._rows = f"SELECT {self.file_columns} FROM {table} WHERE name_hash IN (?*)"
         self._upsert = UPSERT[driver.name].format(t=table)
 
     # -- life cycle ---------------------------------------------------------------
-    def _new_pool(self) -> BoundedPool:
-        s = self.settings
-        return BoundedPool(s.dfs_threads, s.dfs_timeout, f"the DFS mount {self.root}")
-
     async def connect(self) -> None:
         await super().connect()
         if self.pool.closed:
-            self.pool = self._new_pool()
+            self.pool = _pool_for(self.settings)
 
     async def close(self) -> None:
         await super().close()
-        self.pool.close()
+        _release_pool(self.pool)
 
     async def ping(self) -> None:
         await self.driver.ping()
@@ -218,9 +239,7 @@ class DfsLayout(RowLayout):
             return f, data
         # Raised by `check` before any header goes out: each file of a batch
         # fails alone.
-        unavailable = _unavailable(data)
-        return dataclasses.replace(f, problem=str(data),
-                                   retry_after=unavailable.retry_after), None
+        return dataclasses.replace(f, problem=data), None
 
     async def first(self, name_hash: str) -> First | None:
         f = await self.meta(name_hash)
@@ -258,7 +277,7 @@ class DfsLayout(RowLayout):
 
     async def check(self, meta: FileMeta) -> None:
         if isinstance(meta, MountedFile) and meta.problem is not None:
-            raise FileUnavailable(meta.problem, retry_after=meta.retry_after)
+            raise _unavailable(meta.problem)
         try:
             await self.on_mount(mount.probe, self.root, await self._name(meta), meta.size)
         except MountError as e:
