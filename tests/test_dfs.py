@@ -12,6 +12,8 @@ import dataclasses
 import logging
 import os
 import shutil
+import threading
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -523,9 +525,10 @@ def test_the_mysql_and_pgsql_ddl_are_ezs(tmp_path: Path) -> None:
         EZ_DDL["pgsql"][0].split())
 
 
-async def test_the_layouts_of_one_mount_share_one_pool(site: Settings) -> None:
+async def test_the_layouts_of_one_mount_share_one_pool(site: Settings, tmp_path: Path) -> None:
     """A site that reads from replicas has two layouts over one mount: a hung NFS server
     must hold DFS_THREADS threads in all, not twice that."""
+    site = dataclasses.replace(site, dfs_mount_point=str(tmp_path))  # no other test's layouts
     primary, replica = make_layout(site), make_layout(site)
     assert isinstance(primary, DfsLayout) and isinstance(replica, DfsLayout)
     assert primary.pool is replica.pool
@@ -536,3 +539,31 @@ async def test_the_layouts_of_one_mount_share_one_pool(site: Settings) -> None:
     await primary.close()
     assert primary.pool.closed
     await other.close()
+
+
+async def test_a_result_that_comes_too_late_is_handed_to_its_clean_up() -> None:
+    """A temporary file made after its store gave up waiting is removed, not left open."""
+    from serve_image.storage.pool import BoundedPool, PoolTimeout
+
+    pool = BoundedPool(1, 0.05, "test pool")
+    release = threading.Event()
+    cleaned: list[object] = []
+    made = object()
+
+    def slow() -> object:
+        release.wait(10)
+        return made
+
+    try:
+        with pytest.raises(PoolTimeout):
+            await pool.run(slow, late=cleaned.append)
+        release.set()
+        deadline = time.monotonic() + 10
+        while not cleaned and time.monotonic() < deadline:  # noqa: ASYNC110 - another thread's
+            await asyncio.sleep(0.01)
+        assert cleaned == [made]
+        assert await pool.run(lambda: 42, late=cleaned.append) == 42  # in time: no clean-up
+        assert cleaned == [made]
+    finally:
+        release.set()
+        pool.close()

@@ -35,10 +35,16 @@ class _Call:
     args: tuple[Any, ...]
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[Any]
+    # What to do with a result that comes after the caller's time was up
+    # (close what was opened): run in the pool too.
+    late: Callable[[Any], Any] | None = None
 
 
-def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+def _settle(call: _Call, pool: BoundedPool, result: Any, error: BaseException | None) -> None:
+    future = call.future
     if future.done():  # the caller's time was up
+        if error is None and call.late is not None:
+            pool.submit(call.late, result)
         return
     if error is not None:
         future.set_exception(error)
@@ -59,13 +65,17 @@ class BoundedPool:
         self._lock = threading.Lock()
         self.closed = False
 
-    async def run(self, fn: Callable[..., T], *args: Any, bound: float | None = None) -> T:
-        """`fn(*args)` in a thread of the pool, within `bound` seconds (default: the pool's)."""
+    async def run(self, fn: Callable[..., T], *args: Any, bound: float | None = None,
+                  late: Callable[[T], Any] | None = None) -> T:
+        """`fn(*args)` in a thread of the pool, within `bound` seconds (default: the pool's).
+
+        `late(result)` is run (in the pool) when `fn` returns after its time was up.
+        """
         if self.closed:
             raise RuntimeError(f"{self.name}: pool closed")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
-        self._calls.put(_Call(fn, args, loop, future))
+        self._calls.put(_Call(fn, args, loop, future, late))
         self._grow()
         try:
             return await asyncio.wait_for(future, bound or self.timeout)
@@ -109,7 +119,7 @@ class BoundedPool:
                 except BaseException as e:  # handed to the caller, raised there
                     error = e
                 try:
-                    call.loop.call_soon_threadsafe(_settle, call.future, result, error)
+                    call.loop.call_soon_threadsafe(_settle, call, self, result, error)
                 except RuntimeError:
                     pass  # the loop is closed: nobody is waiting any more
             self._idle.release()

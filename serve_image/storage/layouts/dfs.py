@@ -201,13 +201,15 @@ class DfsLayout(RowLayout):
         except MountError as e:
             raise FileUnavailable(f"DFS mount {self.root}: {e}") from None
 
-    async def on_mount(self, fn: Callable[..., T], *args: Any, bound: float | None = None) -> T:
+    async def on_mount(self, fn: Callable[..., T], *args: Any, bound: float | None = None,
+                       late: Callable[[T], Any] | None = None) -> T:
         """`fn(*args)` in the mount's pool, within DFS_TIMEOUT: the one way to the mount.
 
-        Raises MountError when it fails or takes too long.
+        Raises MountError when it fails or takes too long (`late` then gets
+        its result, if it comes).
         """
         try:
-            return await self.pool.run(fn, *args, bound=bound)
+            return await self.pool.run(fn, *args, bound=bound, late=late)
         except PoolTimeout as e:
             raise MountError(str(e)) from None
         except OSError as e:  # from mount.ping; the others raise MountError themselves
@@ -323,7 +325,9 @@ class DfsLayout(RowLayout):
         except UnsafeName as e:
             raise StatementFailed(str(e)) from None
         try:
-            temp = await self.on_mount(mount.TempFile, self.root, name, bound=WRITE_TIMEOUT)
+            # Made after its time was up, it is removed again, not left open on the mount.
+            temp = await self.on_mount(mount.TempFile, self.root, name, bound=WRITE_TIMEOUT,
+                                       late=mount.TempFile.abort)
         except MountError as e:
             raise self._write_failed(e) from None
         try:
