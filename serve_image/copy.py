@@ -22,6 +22,7 @@ from serve_image.progress import Progress
 from serve_image.storage import (
     DatabaseUnavailable,
     FileUnavailable,
+    SizeMismatch,
     StatementFailed,
     StoredFile,
 )
@@ -110,7 +111,7 @@ class SiteCopy:
         except StatementFailed as e:
             self.report(f.name, f"not copied: the destination refused it: {e}")
             return
-        except ValueError as e:  # not the row's size: checked_offsets
+        except SizeMismatch as e:  # the source's bytes are not its row's size
             self.report(f.name, f"not copied: {e}")
             return
         self.tally.copied += 1

@@ -19,7 +19,14 @@ import pytest
 
 from serve_image.app import ServeImage
 from serve_image.settings import Settings, SiteConfigError, settings_from_mapping
-from serve_image.storage import FileUnavailable, Layout, StoredFile, StreamAborted, make_layout
+from serve_image.storage import (
+    FileUnavailable,
+    Layout,
+    SizeMismatch,
+    StoredFile,
+    StreamAborted,
+    make_layout,
+)
 from serve_image.storage.layouts.dfs import READ_BYTES, WHOLE_READ, DfsLayout
 from serve_image.storage.mount import UnsafeName, segments
 from tests.conftest import DatabaseFactory
@@ -433,7 +440,7 @@ async def test_store_writes_the_file_then_its_row(site: Settings, writer: Layout
     # Stored again (eZ's ON DUPLICATE KEY UPDATE), and a short source stores nothing.
     await writer.store(name, [b"xy"], size=2, mtime=MTIME + 1, datatype="image/png",
                        scope="image")
-    with pytest.raises(ValueError, match="read 1 bytes, expected 5"):
+    with pytest.raises(SizeMismatch, match="read 1 bytes, expected 5"):
         await writer.store(name, [b"z"], size=5, mtime=MTIME + 2, datatype="image/png",
                            scope="image")
     assert (mount / name).read_bytes() == b"xy"

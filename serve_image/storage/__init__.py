@@ -14,6 +14,7 @@ from serve_image.settings import Settings
 from serve_image.storage.errors import (
     DatabaseUnavailable,
     FileUnavailable,
+    SizeMismatch,
     StatementFailed,
     StorageError,
     StreamAborted,
@@ -36,8 +37,8 @@ LAYOUTS = {
 
 __all__ = [
     "DRIVERS", "LAYOUTS", "BrokenFile", "DatabaseUnavailable", "DriverMissing", "FileMeta",
-    "FileUnavailable", "First", "Layout", "StatementFailed", "StorageError", "StoredFile",
-    "StreamAborted", "make_layout", "name_hash",
+    "FileUnavailable", "First", "Layout", "SizeMismatch", "StatementFailed", "StorageError",
+    "StoredFile", "StreamAborted", "make_layout", "name_hash",
 ]
 
 

@@ -23,6 +23,14 @@ class StatementFailed(StorageError):
     """
 
 
+class SizeMismatch(StorageError):
+    """The bytes given to a store do not add up to the size it was told: nothing was stored.
+
+    A source that changed while it was read (`copy` reports that file and
+    goes on); the store's transaction is rolled back, its temporary file removed.
+    """
+
+
 class FileUnavailable(StorageError):
     """A file's row is there but its bytes cannot be read now (a write in progress,
     a shared mount that is slow or failing): try again shortly.
