@@ -47,6 +47,7 @@ from serve_image.storage import (
     name_hash,
 )
 from serve_image.storage.files import stored_mtime
+from serve_image.storage.pieces import Pieces
 
 __all__ = [
     "BrokenFile", "ClusterFiles", "FileBroken", "SourceChanged", "Stored", "StoredFile",
@@ -185,10 +186,9 @@ class ClusterFiles:
             datatype = datatype or guess_datatype(head, name)
             scope = scope or scope_for(name)
             mtime = stored_mtime(st)
-            await self.layout.store(
+            await self.store_pieces(
                 name, reader, size=st.st_size, mtime=mtime, datatype=datatype, scope=scope,
             )
-            self._changed([name])
             after = os.fstat(f.fileno())
         if (after.st_size, stored_mtime(after)) != (st.st_size, mtime):
             # Written to while read: what was stored may mix two versions.
@@ -205,12 +205,22 @@ class ClusterFiles:
         scope = scope or scope_for(name)
         mtime = int(time.time()) if mtime is None else mtime
         step = self.chunk_size
-        await self.layout.store(
+        await self.store_pieces(
             name, (data[i:i + step] for i in range(0, len(data), step)), size=len(data),
             mtime=mtime, datatype=datatype, scope=scope,
         )
-        self._changed([name])
         return Stored(name, len(data), mtime, datatype, scope, hashlib.sha256(data).hexdigest())
+
+    async def store_pieces(
+        self, name: str, pieces: Pieces, *, size: int, mtime: int, datatype: str, scope: str,
+    ) -> None:
+        """Store exactly `size` bytes given in pieces under `name`, replacing any file of that name.
+
+        Raises SizeMismatch (and stores nothing) when the pieces do not add up to `size`.
+        """
+        await self.layout.store(name, pieces, size=size, mtime=mtime, datatype=datatype,
+                                scope=scope)
+        self._changed([name])
 
     async def delete(self, name: str) -> bool:
         """eZ's soft delete; False when there was no live file of that name."""

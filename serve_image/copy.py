@@ -101,7 +101,8 @@ class SiteCopy:
             return  # deleted since it was listed
         meta, pieces = found
         try:
-            await self.target.layout.store(
+            # Through ClusterFiles: the destination's PURGE_URLS are told.
+            await self.target.store_pieces(
                 f.name, pieces, size=meta.size, mtime=meta.mtime,
                 datatype=meta.datatype, scope=f.scope,
             )

@@ -135,25 +135,27 @@ def cmd_copy(args: argparse.Namespace) -> int:
     if (source.describe(), source.layout) == (target.describe(), target.layout):
         raise CommandError(f"--from {args.source} and --to {args.target} are the same storage")
 
-    async def work() -> CopyTally:
-        progress = Progress("copy", enabled=not args.quiet)
-        try:
-            async with contextlib.AsyncExitStack() as stack:
-                # The destination first: refused on a LiteFS replica before the
-                # source is opened. The source is only read: a LiteFS replica or
-                # a read-only SQLite file will do.
-                dst = await stack.enter_async_context(storage_for(target))
-                src = await stack.enter_async_context(storage_for(source, readonly=True))
-                return await SiteCopy(ClusterFiles(src), ClusterFiles(dst), progress,
-                                      jobs=_jobs(target, args.jobs)).run()
-        finally:
-            progress.close()
+    async def work() -> tuple[CopyTally, PurgeReport | None]:
+        async with contextlib.AsyncExitStack() as stack:
+            # The destination first: refused on a LiteFS replica before the
+            # source is opened. The source is only read: a LiteFS replica or a
+            # read-only SQLite file will do.
+            dst = ClusterFiles(await stack.enter_async_context(storage_for(target)))
+            src = ClusterFiles(await stack.enter_async_context(storage_for(source, readonly=True)))
+            progress = Progress("copy", enabled=not args.quiet)
+            try:
+                tally = await SiteCopy(src, dst, progress, jobs=_jobs(target, args.jobs)).run()
+            finally:
+                progress.close()
+                purged = await dst.close()
+            return tally, purged
 
     started = time.monotonic()
-    tally = asyncio.run(work())
+    tally, purged = asyncio.run(work())
     print(_summary("copied", Tally(stored=tally.copied, stored_bytes=tally.copied_bytes,
                                    skipped=tally.skipped, failed=tally.failed),
                    time.monotonic() - started))
+    _print_purges(purged)
     return 1 if tally.failed else 0
 
 
