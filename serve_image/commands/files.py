@@ -13,7 +13,7 @@ from pathlib import Path
 
 from serve_image.cli import CommandError, add_site_argument, run_with_storage, storage_for
 from serve_image.cluster import ClusterFiles, FileBroken
-from serve_image.copy import CopyTally, SiteCopy
+from serve_image.copy import SiteCopy
 from serve_image.progress import Progress, human_bytes
 from serve_image.purge import PurgeReport
 from serve_image.settings import Settings, load_site
@@ -135,7 +135,7 @@ def cmd_copy(args: argparse.Namespace) -> int:
     if (source.describe(), source.layout) == (target.describe(), target.layout):
         raise CommandError(f"--from {args.source} and --to {args.target} are the same storage")
 
-    async def work() -> tuple[CopyTally, PurgeReport | None]:
+    async def work() -> tuple[Tally, PurgeReport | None]:
         async with contextlib.AsyncExitStack() as stack:
             # The destination first: refused on a LiteFS replica before the
             # source is opened. The source is only read: a LiteFS replica or a
@@ -152,9 +152,7 @@ def cmd_copy(args: argparse.Namespace) -> int:
 
     started = time.monotonic()
     tally, purged = asyncio.run(work())
-    print(_summary("copied", Tally(stored=tally.copied, stored_bytes=tally.copied_bytes,
-                                   skipped=tally.skipped, failed=tally.failed),
-                   time.monotonic() - started))
+    print(_summary("copied", tally, time.monotonic() - started))
     _print_purges(purged)
     return 1 if tally.failed else 0
 
