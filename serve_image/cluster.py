@@ -46,7 +46,7 @@ from serve_image.storage import (
     make_layout,
     name_hash,
 )
-from serve_image.storage.files import stored_mtime
+from serve_image.storage.files import same_version, stored_mtime
 from serve_image.storage.pieces import Pieces
 
 __all__ = [
@@ -190,7 +190,7 @@ class ClusterFiles:
                 name, reader, size=st.st_size, mtime=mtime, datatype=datatype, scope=scope,
             )
             after = os.fstat(f.fileno())
-        if (after.st_size, stored_mtime(after)) != (st.st_size, mtime):
+        if not same_version(after, st.st_size, mtime):
             # Written to while read: what was stored may mix two versions.
             # The next run (or the watcher's next event) stores it again.
             raise SourceChanged("file changed while being read")
