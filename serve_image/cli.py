@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from serve_image.litefs import replica_message, replica_primary
-from serve_image.servers import ServerImportError
+from serve_image.servers import LOG_FORMAT, ServerImportError
 from serve_image.settings import Settings, SiteConfigError
 from serve_image.storage import (
     DatabaseUnavailable,
@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     try:
         return int(args.func(args))
     except (SiteConfigError, DriverMissing, ServerImportError, CommandError) as e:
