@@ -128,11 +128,11 @@ class Settings:
     surrogate_key_header: str | None
     # STORAGE_LAYOUT "dfs" (storage/layouts/dfs.py): the mount, its table, the
     # bounds on its reads, and OFFLOAD ("x-accel-redirect:/PREFIX/", "x-sendfile").
-    dfs_mount_point: str | None = None
-    dfs_table: str = "ezdfsfile"
-    dfs_threads: int = 16
-    dfs_timeout: float = 5.0
-    offload: str | None = None
+    dfs_mount_point: str | None
+    dfs_table: str
+    dfs_threads: int
+    dfs_timeout: float
+    offload: str | None
 
     def describe(self) -> str:
         """Where the site's data lives, for logs: never shows the password."""
