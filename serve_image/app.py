@@ -19,7 +19,6 @@ from serve_image.errors import (
     MethodNotAllowed,
     NotFound,
     PreconditionFailed,
-    RequestRefused,
     URITooLong,
 )
 from serve_image.invalidation import Invalidation
@@ -57,6 +56,8 @@ STATUSES: dict[type[Exception], tuple[int, str]] = {
     # A DFS row whose file is being written, or a mount that does not answer.
     FileUnavailable: (503, "Service Unavailable"),
 }
+# What `http` answers with STATUSES (anything else is a bug, the server's 500).
+REFUSALS = tuple(STATUSES)
 
 
 def status_of(error: Exception) -> tuple[int, str]:
@@ -147,7 +148,9 @@ class ServeImage:
         """A stored file; anything else goes to the Starlette routes."""
         if CONNECTIONS.open > self.max_connections:
             # MAX_CONNECTIONS: a fast answer and the connection closed, so
-            # that its file descriptor is free again at once.
+            # that its file descriptor is free again at once. The health check
+            # too: a load balancer then sends this node's clients elsewhere
+            # until it is under the bound again (docs/internet-facing.md).
             await self.send_error(send, 503, "Service Unavailable", [(b"connection", b"close")])
             return
         if not is_image_path(scope["path"]):
@@ -158,8 +161,7 @@ class ServeImage:
                 await self.invalidation(scope, receive, send)
             else:
                 await self.endpoint(scope, receive, send)
-        except (RequestRefused, RangeNotSatisfiable, StatementFailed, DatabaseUnavailable,
-                FileUnavailable) as e:
+        except REFUSALS as e:
             extra = (
                 [(b"content-range", f"bytes */{e.size}".encode())]
                 if isinstance(e, RangeNotSatisfiable) else []
