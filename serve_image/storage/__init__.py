@@ -13,6 +13,7 @@ from typing import Any
 from serve_image.settings import Settings
 from serve_image.storage.errors import (
     DatabaseUnavailable,
+    DriverMissing,
     FileUnavailable,
     SizeMismatch,
     StatementFailed,
@@ -42,10 +43,6 @@ __all__ = [
 ]
 
 
-class DriverMissing(Exception):
-    """The Python driver a site needs is not installed."""
-
-
 def _load(target: str, settings: Settings) -> Any:
     module_name, _, class_name = target.partition(":")
     try:
@@ -73,9 +70,8 @@ def make_layout(settings: Settings, *, readonly: bool = False, replicas: bool = 
 
 
 def _make(settings: Settings, readonly: bool) -> Layout:
-    try:
-        driver = _load(DRIVERS[settings.backend], settings)(settings, readonly=readonly)
-    except ImportError as e:  # the MySQL driver names what STORAGE_DRIVER needs
-        raise DriverMissing(str(e)) from None
+    # The MySQL driver raises DriverMissing itself: it imports the module
+    # STORAGE_DRIVER names when it is made.
+    driver = _load(DRIVERS[settings.backend], settings)(settings, readonly=readonly)
     layout: Layout = _load(LAYOUTS[settings.layout], settings)(settings, driver)
     return layout

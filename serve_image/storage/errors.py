@@ -7,6 +7,13 @@ message is for logs and never holds the database password.
 from __future__ import annotations
 
 
+class DriverMissing(Exception):
+    """The Python driver a site needs is not installed; the message says what to install.
+
+    Not a StorageError: no retry or later request can mend it.
+    """
+
+
 class StorageError(Exception):
     """Something the storage could not do."""
 
