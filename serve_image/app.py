@@ -89,7 +89,7 @@ class ServeImage:
         # Per worker; the server counts connections (serve_image/connections.py).
         self.max_connections = connection_limit(settings.max_connections)
         # None unless ACCESS_LOG or METRICS_PATH is set: then nothing wraps a request.
-        self.observer = observer_for(settings)
+        self.observer = observer_for(settings, self.max_connections)
         routes = [Route(HEALTH_PATH, self.health, methods=["GET", "HEAD"])]
         if self.observer is not None and self.observer.metrics is not None:
             self.layout.observe(self.observer.metrics)

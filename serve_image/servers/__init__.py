@@ -52,7 +52,9 @@ class ServerOptions:
     graceful_timeout: int = 30
     # HEADER_TIMEOUT: seconds to receive a request's headers.
     header_timeout: float = 10.0
-    # MAX_CONNECTIONS, resolved: open connections per worker.
+    # MAX_CONNECTIONS, resolved: open connections per worker (granian's
+    # backpressure). Each worker's app resolves it too, from the open-file
+    # limit it inherits: the same number (app.py).
     max_connections: int = 1024
 
 
