@@ -30,7 +30,7 @@ from starlette.responses import Response
 
 from serve_image.connections import CONNECTIONS
 from serve_image.settings import Settings
-from serve_image.storage.drivers.failover import served_by
+from serve_image.storage import served_by
 
 if TYPE_CHECKING:
     from prometheus_client import Counter, Gauge

@@ -11,6 +11,7 @@ import importlib
 from typing import Any
 
 from serve_image.settings import Settings
+from serve_image.storage.drivers.base import served_by
 from serve_image.storage.errors import (
     DatabaseUnavailable,
     DriverMissing,
@@ -39,7 +40,7 @@ LAYOUTS = {
 __all__ = [
     "DRIVERS", "LAYOUTS", "BrokenFile", "DatabaseUnavailable", "DriverMissing", "FileMeta",
     "FileUnavailable", "First", "Layout", "SizeMismatch", "StatementFailed", "StorageError",
-    "StoredFile", "StreamAborted", "make_layout", "name_hash",
+    "StoredFile", "StreamAborted", "make_layout", "name_hash", "served_by",
 ]
 
 

@@ -17,11 +17,17 @@ from __future__ import annotations
 import abc
 from collections.abc import Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
+from contextvars import ContextVar
 from typing import Any, ClassVar, Protocol
 
 from serve_image.settings import Settings
 
 Row = Sequence[Any]
+
+# Which server answered the request's last query, set by a driver that has
+# several (failover.py), for the access log (observability.py reads it after
+# the response: same task, same context; batching.py hands it on).
+served_by: ContextVar[str | None] = ContextVar("served_by", default=None)
 
 
 class Observer(Protocol):
