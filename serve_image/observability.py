@@ -135,7 +135,7 @@ class Metrics:
     def bad_request(self) -> None:
         self._server_reports()[1].inc()
 
-    # -- drivers.base.Observer ----------------------------------------------------
+    # -- drivers.base.DriverObserver ----------------------------------------------
     def query(self, host: str, seconds: float) -> None:
         self.queries.labels(host).observe(seconds)
 

@@ -30,7 +30,7 @@ LAYOUT_BACKENDS = {
     "largeobject": ("pgsql",),
     "dfs": ("mysql", "pgsql"),
 }
-LAYOUTS = tuple(LAYOUT_BACKENDS)
+LAYOUT_NAMES = tuple(LAYOUT_BACKENDS)
 # STORAGE_DRIVER for mysql: asyncmy (Cython, the default: the faster of the
 # two, bench/README.md) or aiomysql (pure Python, the same API, for a platform
 # asyncmy has no wheel for).
@@ -217,8 +217,8 @@ def _driver(v: Any) -> str | None:
 
 
 def _layout(v: Any) -> str:
-    if v not in LAYOUTS:
-        raise ValueError(f"must be one of {', '.join(map(repr, LAYOUTS))}, not {v!r}")
+    if v not in LAYOUT_NAMES:
+        raise ValueError(f"must be one of {', '.join(map(repr, LAYOUT_NAMES))}, not {v!r}")
     return str(v)
 
 

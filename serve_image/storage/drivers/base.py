@@ -30,13 +30,17 @@ Row = Sequence[Any]
 served_by: ContextVar[str | None] = ContextVar("served_by", default=None)
 
 
-class Observer(Protocol):
-    """What the metrics want to hear about a driver's servers (observability.py)."""
+class DriverObserver(Protocol):
+    """What the metrics want to hear about a driver's servers (observability.Metrics)."""
 
     def query(self, host: str, seconds: float) -> None: ...
     def in_use(self, host: str, delta: int) -> None: ...
     def waiting(self, host: str, delta: int) -> None: ...
     def health(self, host: str, up: bool) -> None: ...
+
+
+# The protocol's former name, until storage/replicas.py imports DriverObserver.
+Observer = DriverObserver
 
 
 class Transaction(Protocol):
@@ -100,5 +104,5 @@ class Driver(abc.ABC):
         """(server, up) of each server, in order of preference."""
         return []
 
-    def observe(self, observer: Observer) -> None:  # noqa: B027 - a driver without servers
+    def observe(self, observer: DriverObserver) -> None:  # noqa: B027 - a driver without servers
         """Report queries, pool use and server health to `observer` from now on."""

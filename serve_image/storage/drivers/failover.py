@@ -28,7 +28,7 @@ from contextlib import asynccontextmanager
 from typing import Generic, TypeVar
 
 from serve_image.settings import Settings, StorageHost
-from serve_image.storage.drivers.base import Observer, served_by
+from serve_image.storage.drivers.base import DriverObserver, served_by
 from serve_image.storage.errors import DatabaseUnavailable, StatementFailed
 
 logger = logging.getLogger("serve_image.failover")
@@ -117,7 +117,7 @@ class Failover(Generic[C]):
         # Driver errors that are the statement's, not the connection's.
         self.statement_errors = statement_errors
         self._probe_errors: tuple[type[BaseException], ...] = (TimeoutError, *driver_errors)
-        self.observer: Observer | None = None
+        self.observer: DriverObserver | None = None
         self._closed = False
 
     # -- life cycle -------------------------------------------------------
