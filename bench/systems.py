@@ -15,7 +15,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -25,18 +24,13 @@ from typing import Any
 
 from bench import procfs
 from bench.report import Usage
+from tests.servers import free_port
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 VENV_BIN = Path(sys.executable).parent
 METRICS_PATH = "/-/metrics"
 _LOOKUPS = re.compile(r'^serve_image_cache_lookups_total\{result="(hit|miss)"\} (\S+)$', re.M)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass

@@ -19,7 +19,6 @@ from serve_image.errors import (
     MethodNotAllowed,
     NotFound,
     PreconditionFailed,
-    RequestRefused,
     URITooLong,
 )
 from serve_image.invalidation import Invalidation
@@ -57,6 +56,8 @@ STATUSES: dict[type[Exception], tuple[int, str]] = {
     # A DFS row whose file is being written, or a mount that does not answer.
     FileUnavailable: (503, "Service Unavailable"),
 }
+# What `http` answers with STATUSES (anything else is a bug, the server's 500).
+REFUSALS = tuple(STATUSES)
 
 
 # Seconds a client is asked to wait for a file being written (eZ copies a
@@ -94,7 +95,7 @@ class ServeImage:
         # Per worker; the server counts connections (serve_image/connections.py).
         self.max_connections = connection_limit(settings.max_connections)
         # None unless ACCESS_LOG or METRICS_PATH is set: then nothing wraps a request.
-        self.observer = observer_for(settings)
+        self.observer = observer_for(settings, self.max_connections)
         routes = [Route(HEALTH_PATH, self.health, methods=["GET", "HEAD"])]
         if self.observer is not None and self.observer.metrics is not None:
             self.layout.observe(self.observer.metrics)
@@ -153,7 +154,9 @@ class ServeImage:
         """A stored file; anything else goes to the Starlette routes."""
         if CONNECTIONS.open > self.max_connections:
             # MAX_CONNECTIONS: a fast answer and the connection closed, so
-            # that its file descriptor is free again at once.
+            # that its file descriptor is free again at once. The health check
+            # too: a load balancer then sends this node's clients elsewhere
+            # until it is under the bound again (docs/internet-facing.md).
             await self.send_error(send, 503, "Service Unavailable", [(b"connection", b"close")])
             return
         if not is_image_path(scope["path"]):
@@ -164,8 +167,7 @@ class ServeImage:
                 await self.invalidation(scope, receive, send)
             else:
                 await self.endpoint(scope, receive, send)
-        except (RequestRefused, RangeNotSatisfiable, StatementFailed, DatabaseUnavailable,
-                FileUnavailable) as e:
+        except REFUSALS as e:
             extra = (
                 [(b"content-range", f"bytes */{e.size}".encode())]
                 if isinstance(e, RangeNotSatisfiable) else []

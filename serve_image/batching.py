@@ -19,8 +19,7 @@ import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 
-from serve_image.storage import FileMeta, First, Layout
-from serve_image.storage.drivers.failover import served_by
+from serve_image.storage import FileMeta, First, Layout, served_by
 
 T = TypeVar("T")
 

@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from serve_image.litefs import replica_message, replica_primary
-from serve_image.servers import ServerImportError
+from serve_image.servers import LOG_FORMAT, ServerImportError
 from serve_image.settings import Settings, SiteConfigError
 from serve_image.storage import (
     DatabaseUnavailable,
@@ -47,25 +48,35 @@ def add_site_argument(p: argparse.ArgumentParser, required: bool = True) -> None
     )
 
 
-async def run_with_storage(
-    settings: Settings, work: Callable[[Layout], Any], *, readonly: bool = False
-) -> Any:
-    """Connect to the site's storage, run `work(layout)` (awaited if a coroutine), close it."""
+@contextlib.asynccontextmanager
+async def storage_for(settings: Settings, *, readonly: bool = False) -> AsyncIterator[Layout]:
+    """The site's storage, connected, closed afterwards.
+
+    Not `readonly`: refused first on a LiteFS replica, where a write would
+    fail with "readonly database" or, in WAL mode, "disk I/O error"; the
+    error says where to run the command instead.
+    """
     if not readonly:
-        # On a LiteFS replica a write would fail with "readonly database" or,
-        # in WAL mode, "disk I/O error": say where to run the command instead.
         primary = replica_primary(settings)
         if primary is not None:
             raise CommandError(replica_message(settings, primary))
     layout = make_layout(settings, readonly=readonly)
     await layout.connect()
     try:
+        yield layout
+    finally:
+        await layout.close()
+
+
+async def run_with_storage(
+    settings: Settings, work: Callable[[Layout], Any], *, readonly: bool = False
+) -> Any:
+    """Connect to the site's storage, run `work(layout)` (awaited if a coroutine), close it."""
+    async with storage_for(settings, readonly=readonly) as layout:
         result = work(layout)
         if asyncio.iscoroutine(result):
             result = await result
         return result
-    finally:
-        await layout.close()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     try:
         return int(args.func(args))
     except (SiteConfigError, DriverMissing, ServerImportError, CommandError) as e:

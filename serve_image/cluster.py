@@ -46,27 +46,39 @@ from serve_image.storage import (
     make_layout,
     name_hash,
 )
-from serve_image.storage.files import stored_mtime
+from serve_image.storage.files import same_version, stored_mtime
+from serve_image.storage.pieces import Pieces
 
 __all__ = [
     "BrokenFile", "ClusterFiles", "FileBroken", "SourceChanged", "Stored", "StoredFile",
 ]
 
 
-def _open_regular(path: str | bytes | os.PathLike[str]) -> BinaryIO:
-    """Open a regular file for reading, never through a symbolic link.
+def _open_source(
+    path: str | bytes | os.PathLike[str],
+) -> tuple[BinaryIO, os.stat_result, bytes]:
+    """A regular file opened for reading, never through a symbolic link; its stat and
+    its first HEAD_BYTES (to guess its type).
 
-    The file may have been swapped for a link since it was listed; a link
-    could publish any file of the machine. O_NONBLOCK: a fifo must not block.
+    Blocks: run in a thread, the file may be on a network file system. The
+    file may have been swapped for a link since it was listed; a link could
+    publish any file of the machine. O_NONBLOCK: a fifo must not block.
     """
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
             raise OSError(errno.EINVAL, "not a regular file", str(path))
-        return os.fdopen(fd, "rb")
+        f = os.fdopen(fd, "rb")
     except BaseException:
         os.close(fd)
         raise
+    try:
+        head = f.read(min(HEAD_BYTES, st.st_size)) if st.st_size else b""
+    except BaseException:
+        f.close()
+        raise
+    return f, st, head
 
 
 class SourceChanged(Exception):
@@ -175,22 +187,19 @@ class ClusterFiles:
         path. Raises SourceChanged if the file changes size while read (then
         nothing is stored), OSError if it cannot be opened.
         """
-        # Opened off the event loop (a network file system can take its
-        # time); the pieces are read as the layout stores them.
-        f = await asyncio.to_thread(_open_regular, path)
+        # Opened, stat'ed and read off the event loop (a network file system
+        # can take its time); the pieces are read as the layout stores them.
+        f, st, head = await asyncio.to_thread(_open_source, path)
         with f:
-            st = os.fstat(f.fileno())
-            head = f.read(min(HEAD_BYTES, st.st_size)) if st.st_size else b""
             reader = _FilePieces(f, st.st_size, self.chunk_size, head)
             datatype = datatype or guess_datatype(head, name)
             scope = scope or scope_for(name)
             mtime = stored_mtime(st)
-            await self.layout.store(
+            await self.store_pieces(
                 name, reader, size=st.st_size, mtime=mtime, datatype=datatype, scope=scope,
             )
-            self._changed([name])
-            after = os.fstat(f.fileno())
-        if (after.st_size, stored_mtime(after)) != (st.st_size, mtime):
+            after = await asyncio.to_thread(os.fstat, f.fileno())
+        if not same_version(after, st.st_size, mtime):
             # Written to while read: what was stored may mix two versions.
             # The next run (or the watcher's next event) stores it again.
             raise SourceChanged("file changed while being read")
@@ -205,12 +214,22 @@ class ClusterFiles:
         scope = scope or scope_for(name)
         mtime = int(time.time()) if mtime is None else mtime
         step = self.chunk_size
-        await self.layout.store(
+        await self.store_pieces(
             name, (data[i:i + step] for i in range(0, len(data), step)), size=len(data),
             mtime=mtime, datatype=datatype, scope=scope,
         )
-        self._changed([name])
         return Stored(name, len(data), mtime, datatype, scope, hashlib.sha256(data).hexdigest())
+
+    async def store_pieces(
+        self, name: str, pieces: Pieces, *, size: int, mtime: int, datatype: str, scope: str,
+    ) -> None:
+        """Store exactly `size` bytes given in pieces under `name`, replacing any file of that name.
+
+        Raises SizeMismatch (and stores nothing) when the pieces do not add up to `size`.
+        """
+        await self.layout.store(name, pieces, size=size, mtime=mtime, datatype=datatype,
+                                scope=scope)
+        self._changed([name])
 
     async def delete(self, name: str) -> bool:
         """eZ's soft delete; False when there was no live file of that name."""

@@ -2,19 +2,16 @@
 
 For a site that changes layout, an eZ 4.x database cluster becoming a DFS
 cluster for instance. Each file is read from the source and streamed into
-the destination's store as it is read (Layout.store takes async pieces),
-so memory stays bounded whatever the file's size. The destination's store
-checks that exactly the row's size arrives, and writes a file whole or not
-at all (one transaction, or a temporary file renamed into place): a run
-killed at any point leaves no half-written file visible, and the next run
-finishes the job, skipping every file whose destination row already has
-the source's size and mtime.
+the destination's store as it is read (ClusterFiles.store_pieces takes
+async pieces), so memory stays bounded whatever the file's size. The
+destination's store checks that exactly the row's size arrives, and writes
+a file whole or not at all (one transaction, or a temporary file renamed
+into place): a run killed at any point leaves no half-written file
+visible, and the next run finishes the job, skipping every file whose
+destination row already has the source's size and mtime.
 """
 
 from __future__ import annotations
-
-import asyncio
-from dataclasses import dataclass, field
 
 from serve_image.backoff import with_retry
 from serve_image.cluster import ClusterFiles, FileBroken
@@ -22,39 +19,28 @@ from serve_image.progress import Progress
 from serve_image.storage import (
     DatabaseUnavailable,
     FileUnavailable,
+    SizeMismatch,
     StatementFailed,
     StoredFile,
 )
-
-# Source rows compared with the destination's in one query.
-BATCH = 256
-
-
-@dataclass
-class CopyTally:
-    copied: int = 0
-    copied_bytes: int = 0
-    skipped: int = 0
-    failed: int = 0
-    problems: list[str] = field(default_factory=list)
+from serve_image.transfer import BATCH, Tally, run_bounded
 
 
 class SiteCopy:
-    """One run of a copy from `source` into `target`."""
+    """One run of a copy from `source` into `target`; its Tally counts files copied as stored."""
 
     def __init__(self, source: ClusterFiles, target: ClusterFiles, progress: Progress, *,
                  jobs: int = 4) -> None:
         self.source, self.target = source, target
         self.progress = progress
         self.jobs = jobs
-        self.tally = CopyTally()
+        self.tally = Tally()
 
     def report(self, name: str, reason: str) -> None:
         self.tally.failed += 1
-        self.tally.problems.append(f"{name}: {reason}")
         self.progress.problem(f"serve-image: {name}: {reason}")
 
-    async def run(self) -> CopyTally:
+    async def run(self) -> Tally:
         self.progress.start()
         batch: list[StoredFile] = []
         async for f in self.source.list():
@@ -68,22 +54,9 @@ class SiteCopy:
 
     async def run_batch(self, batch: list[StoredFile]) -> None:
         there = await with_retry(lambda: self.target.layout.stat_many([f.name_hash for f in batch]))
-        slots = asyncio.Semaphore(self.jobs)
-        lost: list[BaseException] = []
-
-        async def one(f: StoredFile) -> None:
-            async with slots:
-                if lost:
-                    return
-                try:
-                    await self.copy_one(f, there.get(f.name_hash))
-                except (DatabaseUnavailable, FileUnavailable) as e:
-                    # Either side lost: the copies under way end, no new one starts.
-                    lost.append(e)
-
-        await asyncio.gather(*(one(f) for f in batch))
-        if lost:
-            raise lost[0]
+        # Either side lost ends the run.
+        await run_bounded(batch, lambda f: self.copy_one(f, there.get(f.name_hash)),
+                          jobs=self.jobs, lost=(DatabaseUnavailable, FileUnavailable))
 
     async def copy_one(self, f: StoredFile, there: StoredFile | None) -> None:
         if there is not None and there.holds(f.size, f.mtime):
@@ -100,7 +73,8 @@ class SiteCopy:
             return  # deleted since it was listed
         meta, pieces = found
         try:
-            await self.target.layout.store(
+            # Through ClusterFiles: the destination's PURGE_URLS are told.
+            await self.target.store_pieces(
                 f.name, pieces, size=meta.size, mtime=meta.mtime,
                 datatype=meta.datatype, scope=f.scope,
             )
@@ -110,9 +84,9 @@ class SiteCopy:
         except StatementFailed as e:
             self.report(f.name, f"not copied: the destination refused it: {e}")
             return
-        except ValueError as e:  # not the row's size: checked_offsets
+        except SizeMismatch as e:  # the source's bytes are not its row's size
             self.report(f.name, f"not copied: {e}")
             return
-        self.tally.copied += 1
-        self.tally.copied_bytes += meta.size
+        self.tally.stored += 1
+        self.tally.stored_bytes += meta.size
         self.progress.advance(1, meta.size)

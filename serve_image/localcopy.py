@@ -201,7 +201,7 @@ class LocalCopies:
             # The copy is of the version served; prune-local checks it later.
             logger.info("local copy of %s kept unchecked: %s", name, e)
             return
-        if now is not None and now.live and (now.mtime, now.size) == (meta.mtime, meta.size):
+        if now is not None and now.holds(meta.size, meta.mtime):
             return
         found = localfs.LocalFile(name, meta.size, meta.mtime, False)
         if await asyncio.to_thread(localfs.remove_if_unchanged, self.root, found):

@@ -356,15 +356,6 @@ def _evict(root: str, root_fd: int, goal: int) -> list[str]:
     return evicted
 
 
-def reserve(root: str, size: int, limit: int) -> bool:
-    """Take `size` bytes of the shared count; False when that would pass `limit`."""
-    root_fd = _open_root(root)
-    try:
-        return adjust_ledger(root_fd, size, limit=limit)
-    finally:
-        os.close(root_fd)
-
-
 def release(root: str, size: int) -> None:
     """Give back bytes of the shared count (a failed copy, a replaced one)."""
     root_fd = _open_root(root)

@@ -28,9 +28,9 @@ from typing import TYPE_CHECKING, Any
 from starlette.requests import Request
 from starlette.responses import Response
 
-from serve_image.connections import CONNECTIONS, connection_limit
+from serve_image.connections import CONNECTIONS
 from serve_image.settings import Settings
-from serve_image.storage.drivers.failover import served_by
+from serve_image.storage import served_by
 
 if TYPE_CHECKING:
     from prometheus_client import Counter, Gauge
@@ -59,7 +59,7 @@ def _printable(raw: bytes) -> str:
 class Metrics:
     """The Prometheus metrics of one site; also the failover's observer."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, max_connections: int) -> None:
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         self.registry = CollectorRegistry()
@@ -107,7 +107,7 @@ class Metrics:
             "serve_image_connections_limit", "MAX_CONNECTIONS: open connections allowed",
             multiprocess_mode="livesum", registry=r,
         )
-        self.connections_limit.set(connection_limit(settings.max_connections))
+        self.connections_limit.set(max_connections)
         # Made when the server first reports a connection: a server that
         # does not (granian) shows no count rather than a false 0.
         self._connections_open: Gauge | None = None
@@ -135,7 +135,7 @@ class Metrics:
     def bad_request(self) -> None:
         self._server_reports()[1].inc()
 
-    # -- drivers.base.Observer ----------------------------------------------------
+    # -- drivers.base.DriverObserver ----------------------------------------------
     def query(self, host: str, seconds: float) -> None:
         self.queries.labels(host).observe(seconds)
 
@@ -207,12 +207,12 @@ def _forget_dead_workers(directory: str) -> None:
 class Observer:
     """Wraps the HTTP handling: one access log line and the request metrics."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, max_connections: int) -> None:
         self.settings = settings
         self.json = settings.access_log == "json"
         self.log = settings.access_log is not None
         # Also the storage's observer (app.py hands it over with Layout.observe).
-        self.metrics = Metrics(settings) if settings.metrics_path else None
+        self.metrics = Metrics(settings, max_connections) if settings.metrics_path else None
         self.backend_name = settings.backend
 
     async def __call__(self, app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
@@ -270,11 +270,14 @@ class Observer:
             self.metrics.close()
 
 
-def observer_for(settings: Settings) -> Observer | None:
-    """The site's observer, or None when both the access log and metrics are off."""
+def observer_for(settings: Settings, max_connections: int) -> Observer | None:
+    """The site's observer, or None when both the access log and metrics are off.
+
+    `max_connections`: the worker's bound, resolved (connections.connection_limit).
+    """
     if settings.access_log is None and settings.metrics_path is None:
         return None
-    return Observer(settings)
+    return Observer(settings, max_connections)
 
 
 @contextmanager

@@ -30,7 +30,7 @@ LAYOUT_BACKENDS = {
     "largeobject": ("pgsql",),
     "dfs": ("mysql", "pgsql"),
 }
-LAYOUTS = tuple(LAYOUT_BACKENDS)
+LAYOUT_NAMES = tuple(LAYOUT_BACKENDS)
 # STORAGE_DRIVER for mysql: asyncmy (Cython, the default: the faster of the
 # two, bench/README.md) or aiomysql (pure Python, the same API, for a platform
 # asyncmy has no wheel for).
@@ -128,11 +128,11 @@ class Settings:
     surrogate_key_header: str | None
     # STORAGE_LAYOUT "dfs" (storage/layouts/dfs.py): the mount, its table, the
     # bounds on its reads, and OFFLOAD ("x-accel-redirect:/PREFIX/", "x-sendfile").
-    dfs_mount_point: str | None = None
-    dfs_table: str = "ezdfsfile"
-    dfs_threads: int = 16
-    dfs_timeout: float = 5.0
-    offload: str | None = None
+    dfs_mount_point: str | None
+    dfs_table: str
+    dfs_threads: int
+    dfs_timeout: float
+    offload: str | None
 
     def describe(self) -> str:
         """Where the site's data lives, for logs: never shows the password."""
@@ -153,9 +153,11 @@ def _str(v: Any) -> str:
     return v
 
 
-# A host written as `user:password@host` must be refused without repeating
-# it: the error would show the password.
-_CREDENTIALS = "must not hold a user or password: set STORAGE_USER and STORAGE_PASS"
+# A host written as `user:password@host`, or a URL as
+# `http://user:password@host`, must be refused without repeating it: the
+# error would show the password.
+_CREDENTIALS = "must not hold a user or password"
+_HOST_CREDENTIALS = f"{_CREDENTIALS}: set STORAGE_USER and STORAGE_PASS"
 
 
 def _has_credentials(host: object) -> bool:
@@ -164,7 +166,7 @@ def _has_credentials(host: object) -> bool:
 
 def _host(v: Any) -> str:
     if _has_credentials(v):
-        raise ValueError(_CREDENTIALS)
+        raise ValueError(_HOST_CREDENTIALS)
     return _str(v)
 
 
@@ -215,8 +217,8 @@ def _driver(v: Any) -> str | None:
 
 
 def _layout(v: Any) -> str:
-    if v not in LAYOUTS:
-        raise ValueError(f"must be one of {', '.join(map(repr, LAYOUTS))}, not {v!r}")
+    if v not in LAYOUT_NAMES:
+        raise ValueError(f"must be one of {', '.join(map(repr, LAYOUT_NAMES))}, not {v!r}")
     return str(v)
 
 
@@ -274,7 +276,7 @@ def _hosts(v: Any) -> list[dict[str, Any]]:
     for item in v:
         host = item.get("host") if isinstance(item, dict) else item
         if _has_credentials(host):
-            raise ValueError(f"entries {_CREDENTIALS}")
+            raise ValueError(f"entries {_HOST_CREDENTIALS}")
         if isinstance(item, str):
             m = _HOST_RE.match(item)
             if m is None:
@@ -333,6 +335,9 @@ def _purge_urls(v: Any) -> tuple[str, ...]:
     """PURGE_URLS: `http[s]://host[:port]` each, normalised; a PURGE's path is the file's."""
     out = []
     for url in _list_of_strings(v, '["http://varnish:6081", "http://node2:8000"]'):
+        # Before any message that quotes the entry.
+        if _has_credentials(url):
+            raise ValueError(f"entries {_CREDENTIALS}")
         try:
             parts = urlsplit(url)
             port = parts.port
@@ -340,8 +345,6 @@ def _purge_urls(v: Any) -> tuple[str, ...]:
             raise ValueError(f"entry {url!r} is not a valid URL: {e}") from None
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f'entries must look like "http://host:port", not {url!r}')
-        if parts.username is not None or parts.password is not None:
-            raise ValueError(f"entry {url!r} must not hold a user name or password")
         if parts.path not in ("", "/") or parts.query or parts.fragment:
             raise ValueError(
                 f"entry {url!r} must have no path, query or fragment: "

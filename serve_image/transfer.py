@@ -12,9 +12,10 @@ import asyncio
 import hashlib
 import itertools
 import os
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from serve_image.backoff import with_retry
 from serve_image.cluster import ClusterFiles, FileBroken, SourceChanged
@@ -28,10 +29,14 @@ from serve_image.storage import (
 )
 from serve_image.storage.files import same_version, stored_mtime
 
-# Files looked up in the database with one query, and walked per thread hop.
+# Files looked up in the database with one query (import, copy), and walked
+# per thread hop (import).
 BATCH = 256
 # A file written to while it is read is tried this often before it is reported.
 CHANGED_TRIES = 3
+
+
+T = TypeVar("T")
 
 
 class TransferError(Exception):
@@ -143,6 +148,33 @@ def count(dirs: list[tuple[str, str]]) -> tuple[int, int]:
     return files, size
 
 
+async def run_bounded(
+    items: Iterable[T], one: Callable[[T], Awaitable[None]], *, jobs: int,
+    lost: tuple[type[Exception], ...],
+) -> None:
+    """`one(item)` for every item, at most `jobs` at once.
+
+    When one raises an error of `lost` (the storage gone for good), the runs
+    under way finish (each commits or rolls back; none is cancelled
+    mid-query), no new one starts, and the first such error is raised.
+    """
+    slots = asyncio.Semaphore(jobs)
+    errors: list[Exception] = []
+
+    async def run(item: T) -> None:
+        async with slots:
+            if errors:
+                return
+            try:
+                await one(item)
+            except lost as e:
+                errors.append(e)
+
+    await asyncio.gather(*(run(item) for item in items))
+    if errors:
+        raise errors[0]
+
+
 def file_sha256(path: str) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -188,24 +220,11 @@ class Importer:
                 entries.append(item)
         hashes = [name_hash(e.name) for e in entries]
         rows = await with_retry(lambda: self.cluster.layout.stat_many(hashes))
-        slots = asyncio.Semaphore(self.jobs)
-        lost: list[DatabaseUnavailable] = []
-
-        async def one(entry: Entry, row: StoredFile | None) -> None:
-            async with slots:
-                if lost:
-                    return
-                try:
-                    await self.import_one(entry, row)
-                except DatabaseUnavailable as e:
-                    lost.append(e)
-
-        # If the database goes away for good, the stores under way finish
-        # (each commits or rolls back; none is cancelled mid-query), no new
-        # one starts, and the run ends with the first error.
-        await asyncio.gather(*(one(e, rows.get(h)) for e, h in zip(entries, hashes, strict=True)))
-        if lost:
-            raise lost[0]
+        # The database gone for good ends the run.
+        await run_bounded(
+            [(e, rows.get(h)) for e, h in zip(entries, hashes, strict=True)],
+            lambda pair: self.import_one(*pair), jobs=self.jobs, lost=(DatabaseUnavailable,),
+        )
 
     async def import_one(self, entry: Entry, row: StoredFile | None) -> None:
         if row is not None and row.holds(entry.size, entry.mtime) and not self.force:

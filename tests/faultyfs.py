@@ -8,7 +8,10 @@ mfusepy), except that
   (the file handle an NFS client holds after the server lost the file);
 - reading a file whose name holds `.eio.` fails: EIO (a failing disk or
   server); opening it and its attributes work, so a response can start
-  and then break.
+  and then break;
+- reading a file whose name holds `.held.` hangs (a server that does not
+  answer): it creates BACKING/holding, then waits until BACKING/release
+  exists, and fails EIO if it still does not after HOLD_SECONDS.
 Runs in the foreground until unmounted (fusermount3 -u MOUNTPOINT).
 """
 
@@ -17,9 +20,12 @@ from __future__ import annotations
 import errno
 import os
 import sys
+import time
 from typing import Any
 
 import mfusepy as fuse
+
+HOLD_SECONDS = 15.0
 
 
 class Faulty(fuse.Operations):  # type: ignore[misc]
@@ -54,7 +60,18 @@ class Faulty(fuse.Operations):  # type: ignore[misc]
     def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
         if ".eio." in path:
             raise fuse.FuseOSError(errno.EIO)
+        if ".held." in path:
+            self._hold()
         return os.pread(fh, size, offset)
+
+    def _hold(self) -> None:
+        release = os.path.join(self.backing, "release")
+        open(os.path.join(self.backing, "holding"), "wb").close()
+        deadline = time.monotonic() + HOLD_SECONDS
+        while not os.path.exists(release):
+            if time.monotonic() > deadline:
+                raise fuse.FuseOSError(errno.EIO)
+            time.sleep(0.01)
 
     def release(self, path: str, fh: int) -> int:
         os.close(fh)

@@ -5,11 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import inspect
 import random
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Sequence,
+)
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import httpx
 
@@ -20,6 +28,10 @@ from serve_image.storage.pieces import Chunk, FetchPieces
 from tests.servers import free_port as free_port  # re-exported for the tests
 
 IMG = "var/site/storage/images"
+# A hang guard, not a speed claim: how long a test waits for what must happen.
+DEADLINE = 60.0
+
+T = TypeVar("T")
 
 
 def md5(name: str) -> str:
@@ -55,6 +67,22 @@ async def running(app: ServeImage, base_url: str = "http://t") -> AsyncIterator[
     finally:
         await app.shutdown()
 
+
+
+async def until(check: Callable[[], T | Awaitable[T]], what: str,
+                seconds: float = DEADLINE) -> T:
+    """Poll `check` (a function or a coroutine function) until it returns something
+    true; that. Raises AssertionError naming `what` after `seconds`."""
+    deadline = time.monotonic() + seconds
+    while True:
+        got = check()
+        if inspect.isawaitable(got):
+            got = await got
+        if got:
+            return cast(T, got)
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {seconds:g} s")
+        await asyncio.sleep(0.01)
 
 
 class SpyLayout(Layout):

@@ -10,7 +10,7 @@ import pytest
 from serve_image.cluster import ClusterFiles
 from serve_image.filetypes import guess_datatype, scope_for
 from serve_image.samples import png, svg
-from serve_image.storage import Layout
+from serve_image.storage import Layout, SizeMismatch, StorageError
 from tests.helpers import payload
 
 NAME = "var/x/storage/images/a/photo.jpg"
@@ -36,6 +36,23 @@ async def test_store_file_takes_type_from_content_and_mtime_from_the_file(
     assert (row.datatype, row.mtime, row.size, row.scope) == (
         "image/png", 1_600_000_000, path.stat().st_size, "image")
     assert stored.datatype == "image/png"
+
+
+@pytest.mark.parametrize(("pieces", "message"), [
+    ([b"ab"], "read 2 bytes, expected 3"),
+    ([b"ab", b"cd"], "more than the 3 bytes expected"),
+])
+async def test_a_store_of_the_wrong_size_is_a_named_storage_error_and_stores_nothing(
+    writer: Layout, pieces: list[bytes], message: str
+) -> None:
+    """Regression: a size mismatch was a bare ValueError, which `copy` caught with any other."""
+    await ClusterFiles(writer).store_contents(NAME, b"old", mtime=1_700_000_000)
+    with pytest.raises(SizeMismatch) as e:
+        await writer.store(NAME, pieces, size=3, mtime=1_700_000_001, datatype="image/jpeg",
+                           scope="image")
+    assert isinstance(e.value, StorageError)
+    assert str(e.value) == f"{NAME}: {message}"
+    assert await ClusterFiles(writer).fetch_contents(NAME) == b"old"
 
 
 async def test_fetch_file_writes_atomically_with_the_mtime(

@@ -16,13 +16,15 @@ from typing import Any
 import pytest
 
 from serve_image.cluster import ClusterFiles
+from serve_image.purge import purge_path
 from serve_image.settings import Settings, load_site
 from serve_image.storage import make_layout
 from serve_image.storage.mount import TEMP_SUFFIX
 from tests.conftest import DatabaseFactory
 from tests.ezdfs import IMG, connected
-from tests.filetree import cli_command
+from tests.filetree import cli_command, run_cli
 from tests.helpers import payload
+from tests.live import recorder
 
 MTIME = 1_650_000_000
 
@@ -91,6 +93,30 @@ async def test_a_database_cluster_into_a_dfs_cluster_and_back(
     done = copy(tmp_path / "dfs.py", tmp_path / "back.py")
     assert done.returncode == 0, done.stderr
     assert {n: (d, m) for n, (d, m, _t) in (await contents(back)).items()} == expected
+
+
+async def test_a_copy_purges_what_it_wrote_at_the_destinations_caches(
+    databases: DatabaseFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Regression: copy stored through the layout itself, so no PURGE was ever sent."""
+    files = {f"{IMG}/p{i}.jpg": payload(100 + i, i) for i in range(3)}
+    async with recorder() as theirs, recorder() as ours:
+        a = await site_file(databases, "sqlite", tmp_path / "a.py", PURGE_URLS=[theirs.url])
+        await site_file(databases, "sqlite", tmp_path / "b.py", PURGE_URLS=[ours.url])
+        await fill(a, files)
+        filled = len(theirs.targets())  # the source's own writes
+        assert await run_cli("copy", "--from", tmp_path / "a.py", "--to", tmp_path / "b.py",
+                             "--quiet") == 0
+        assert sorted(ours.targets()) == sorted(purge_path(n) for n in files)
+        assert len(theirs.targets()) == filled  # the source is only read
+        out = capsys.readouterr().out.splitlines()
+        assert out[-1] == "PURGE sent for 3 file(s) to 1 URL(s): all answered"
+        # Nothing copied, nothing purged.
+        assert await run_cli("copy", "--from", tmp_path / "a.py", "--to", tmp_path / "b.py",
+                             "--quiet") == 0
+        assert len(ours.targets()) == 3
+        out = capsys.readouterr().out.splitlines()
+        assert len(out) == 1 and out[0].startswith("0 copied (0 B), 3 unchanged, 0 failed")
 
 
 def test_the_same_storage_is_refused(tmp_path: Path) -> None:

@@ -3,11 +3,13 @@
 tests/faultyfs.py shows a directory through FUSE and fails chosen names the
 way a failing NFS mount does (the kernel hands the errors to serve-image as
 they come). Each failure is a 503 before the headers, or a response cut off
-after them, and one log line: never a traceback, never a 500.
+after them, and one log line: never a traceback, never a 500. A file stored
+from such a mount (`import`, the Python API) is read off the event loop.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import shutil
@@ -21,6 +23,8 @@ from pathlib import Path
 import pytest
 
 from serve_image.app import ServeImage
+from serve_image.cluster import ClusterFiles
+from serve_image.storage import make_layout
 from serve_image.storage.layouts.dfs import WHOLE_READ
 from tests.conftest import DatabaseFactory
 from tests.ezdfs import IMG, connected, counting, dfs_settings, ez_row, raw_get
@@ -127,3 +131,30 @@ async def test_estale_and_eio_are_503s_with_one_log_line(
         f"aborted {IMG}/big.eio.bin at byte 0 of {len(BIG)}: {IMG}/big.eio.bin: "
         "EIO: Input/output error"]
     assert "Traceback" not in caplog.text
+
+
+async def test_a_file_stored_from_a_hung_mount_leaves_the_event_loop_free(
+    databases: DatabaseFactory, fuse_mount: tuple[Path, Path],
+) -> None:
+    """Regression: store_file stat-ed a file and read its first bytes on the event loop,
+    so a source on an NFS server that does not answer froze every task of the process."""
+    backing, mnt = fuse_mount
+    (backing / "photo.held.jpg").write_bytes(b"held bytes")
+    name = f"{IMG}/photo.jpg"
+    layout = make_layout(await databases.settings("sqlite"))
+    await layout.connect()
+    try:
+        await layout.create_tables()
+        async with ClusterFiles(layout) as cluster:
+            task = asyncio.create_task(cluster.store_file(mnt / "photo.held.jpg", name))
+            # This loop sees the read hang, and ends it (it could not if the read held it).
+            deadline = time.monotonic() + 30
+            while not (backing / "holding").exists():
+                assert time.monotonic() < deadline and not task.done()
+                await asyncio.sleep(0.01)
+            (backing / "release").touch()
+            stored = await asyncio.wait_for(task, 30)
+            assert (stored.size, stored.datatype) == (10, "image/jpeg")
+            assert await cluster.fetch_contents(name) == b"held bytes"
+    finally:
+        await layout.close()

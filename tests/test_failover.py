@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import inspect
 import logging
 import signal
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,18 @@ from serve_image.storage import make_layout
 from serve_image.storage.drivers.failover import Failover
 from tests.conftest import DatabaseFactory
 from tests.dbservers import MariaDB, PostgreSQL, Server
-from tests.helpers import IMG, Locker, SpyLayout, free_port, md5, payload, running, store
+from tests.helpers import (
+    DEADLINE,
+    IMG,
+    Locker,
+    SpyLayout,
+    free_port,
+    md5,
+    payload,
+    running,
+    store,
+    until,
+)
 from tests.live import (
     SERVER_NAMES,
     RawClient,
@@ -54,27 +64,10 @@ BIG_DATA = payload(BIG_SIZE, seed=2)
 # Another version of it on each server of a two-host site (see _fill).
 STREAM = f"{IMG}/stream.bin"
 STREAM_SIZE = 2 * 1024 * 1024
-# A hang guard, not a speed claim: how long a test waits for what must happen.
-DEADLINE = 60.0
 
 
 def stream_data(which: bytes) -> bytes:
     return payload(STREAM_SIZE, seed=len(which) + 10)
-
-
-async def until(check: Callable[[], bool | Awaitable[bool]], what: str,
-                seconds: float = DEADLINE) -> None:
-    """Poll `check` (a function or a coroutine function) until it is true."""
-    deadline = time.monotonic() + seconds
-    while True:
-        done = check()
-        if inspect.isawaitable(done):
-            done = await done
-        if done:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {seconds:g} s")
-        await asyncio.sleep(0.01)
 
 
 # -- servers of our own ---------------------------------------------------------

@@ -23,8 +23,8 @@ import pytest
 
 from serve_image.cluster import ClusterFiles, SourceChanged, _FilePieces
 from serve_image.progress import Progress
-from serve_image.storage import make_layout
-from serve_image.transfer import Entry, Importer
+from serve_image.storage import DatabaseUnavailable, make_layout
+from serve_image.transfer import Entry, Importer, run_bounded
 from tests.conftest import DatabaseFactory, _server_constants
 from tests.filetree import (
     BASE_MTIME,
@@ -465,3 +465,31 @@ async def test_a_file_the_database_refuses_is_reported_and_the_run_goes_on(
     assert "database unavailable" not in err
     names = await rows(site, "SELECT name FROM ezdbfile ORDER BY name")
     assert names == [("var/site/storage/images/ok.jpg",)]
+
+
+async def test_run_bounded_keeps_to_its_jobs_and_ends_with_the_first_lost_error() -> None:
+    """The loop import and copy share: at most `jobs` at once; once the storage is lost,
+    the runs under way finish, no new one starts, and the first error is raised."""
+    running, most = 0, 0
+    started: list[int] = []
+    finished: list[int] = []
+    lost_at: int | None = None
+
+    async def one(i: int) -> None:
+        nonlocal running, most, lost_at
+        started.append(i)
+        running += 1
+        most = max(most, running)
+        await asyncio.sleep(0)
+        running -= 1
+        if i in (4, 5):
+            lost_at = len(started) if lost_at is None else lost_at
+            raise DatabaseUnavailable(f"lost at {i}")
+        finished.append(i)
+
+    with pytest.raises(DatabaseUnavailable, match=r"^lost at 4$"):
+        await run_bounded(range(20), one, jobs=3, lost=(DatabaseUnavailable,))
+    assert most == 3
+    assert lost_at is not None and len(started) == lost_at  # none started after the loss
+    assert 5 in started  # under way when 4 failed: it ran to its end
+    assert set(finished) == set(started) - {4, 5}

@@ -201,6 +201,10 @@ async def test_over_the_connection_bound_a_fast_503_uvicorn(tmp_path: Path) -> N
         assert status == b"HTTP/1.1 503 Service Unavailable"
         assert {b"retry-after: 5", b"connection: close"} <= set(fields)
         assert body == b"503 Service Unavailable\n"
+        # The health check too: a load balancer sends clients elsewhere (docs/internet-facing.md).
+        health = await raw_get(port, "/-/health")
+        assert health.startswith(b"HTTP/1.1 503 Service Unavailable\r\n")
+        assert health.endswith(b"\r\n\r\n503 Service Unavailable\n")
         # Under the bound again once two idle clients leave.
         for _, writer, _ in idle[:2]:
             writer.close()
@@ -208,6 +212,8 @@ async def test_over_the_connection_bound_a_fast_503_uvicorn(tmp_path: Path) -> N
         while not (answer := await raw_get(port)).startswith(b"HTTP/1.1 200 "):
             assert time.monotonic() < deadline, answer[:200]
             await asyncio.sleep(0.05)
+        health = await raw_get(port, "/-/health")
+        assert health.startswith(b"HTTP/1.1 200 OK\r\n") and health.endswith(b"\r\n\r\nok\n")
         # Two idle connections and the scrape's own.
         while (m := metrics(port))["serve_image_connections_open"] != 3:
             assert time.monotonic() < deadline, m

@@ -89,6 +89,22 @@ async def test_init_db_on_a_replica_names_the_primary(
     assert not exists(settings.database)  # refused before opening anything
 
 
+async def test_copy_into_a_replica_names_the_primary(
+    node: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings = make_replica(node)
+    source = tmp_path / "source.py"
+    source.write_text('STORAGE_DB = "absent.db"\n')
+    assert await run_cli("copy", "--from", str(source), "--to", str(node)) == 1
+    assert capsys.readouterr().err == (
+        f"serve-image: error: {node}: {settings.database} is a read-only LiteFS replica; "
+        "writes go to the primary, node-a.internal: run this command there\n"
+    )
+    # Refused before either storage is opened.
+    assert not exists(settings.database)
+    assert not exists(str(tmp_path / "absent.db"))
+
+
 async def test_init_db_on_the_primary_creates_the_tables(
     node: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from serve_image.app import ServeImage
 from serve_image.settings import Settings, settings_from_mapping
 from serve_image.storage import Layout
-from tests.helpers import IMG, Locker, free_port, payload, running, store
+from tests.helpers import IMG, Locker, free_port, payload, running, store, until
 from tests.live import SERVER_NAMES, call, start_serve, stop, wait_serving
 
 DATA = payload(2500, seed=3)
@@ -319,18 +319,6 @@ def by_pid(directory: Path, kind: str, name: str, labels: dict[str, str]) -> dic
 def live_workers(directory: Path) -> set[int]:
     """Workers whose gauges are in the directory (each writes its host_up at start-up)."""
     return {int(p.stem.rsplit("_", 1)[1]) for p in directory.glob("gauge_livemin_*.db")}
-
-
-async def until(check: Any, what: str, seconds: float = 60) -> Any:
-    """Poll `check()` (sync, run in a thread) until it returns something true."""
-    deadline = time.monotonic() + seconds
-    while True:
-        got = await asyncio.to_thread(check)
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {seconds:g} s")
-        await asyncio.sleep(0.05)
 
 
 @pytest.mark.parametrize("backend_name", ["mysql", "pgsql"])

@@ -14,7 +14,7 @@ import pytest
 from serve_image.app import ServeImage
 from serve_image.cli import main
 from serve_image.settings import Settings, SiteConfigError, settings_from_mapping
-from serve_image.storage import Layout, make_layout
+from serve_image.storage import Layout, SizeMismatch, make_layout
 from serve_image.storage.layouts.largeobject import LargeObjectLayout
 from tests.conftest import DatabaseFactory
 from tests.helpers import IMG, SpyLayout, md5, payload, running, split
@@ -239,7 +239,7 @@ async def test_failed_store_keeps_the_old_version(
     await lob.store(name, [b"first"], size=5, mtime=1_700_000_000, datatype="image/png",
                     scope="image")
     before = await _rows(lob, "SELECT count(*) FROM pg_largeobject_metadata")
-    with pytest.raises(ValueError, match="read 3 bytes, expected 9"):
+    with pytest.raises(SizeMismatch, match="read 3 bytes, expected 9"):
         await lob.store(name, [b"abc"], size=9, mtime=1_700_000_009, datatype="image/png",
                         scope="image")
     assert await _rows(lob, "SELECT count(*) FROM pg_largeobject_metadata") == before

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -191,6 +193,27 @@ def test_cli_reports_broken_site_on_one_line(
         f"serve-image: error: {path}: STORAGE_CHUNK_SIZE must be a whole number "
         "from 1 to 16777216, not 0\n"
     )
+
+
+@pytest.mark.parametrize(("constants", "absent", "message"), [
+    ('STORAGE_BACKEND = "mysql"', "asyncmy",
+     "STORAGE_DRIVER 'asyncmy' is not installed: pip install 'serve-image[mysql]'"),
+    ('STORAGE_BACKEND = "mysql"\nSTORAGE_DRIVER = "aiomysql"', "aiomysql",
+     "STORAGE_DRIVER 'aiomysql' is not installed: pip install 'serve-image[aiomysql]'"),
+    ('STORAGE_BACKEND = "pgsql"', "asyncpg",
+     "STORAGE_BACKEND 'pgsql' needs a driver that is not installed (asyncpg): "
+     "pip install 'serve-image[pgsql]'"),
+])
+def test_cli_names_the_extra_a_missing_driver_needs(
+    tmp_path: Path, constants: str, absent: str, message: str
+) -> None:
+    path = write_site(tmp_path, f'{constants}\nSTORAGE_DB = "x"\n')
+    # A None in sys.modules makes importing that package fail, as when it is not installed.
+    code = (f"import sys; sys.modules[{absent!r}] = None\n"
+            "from serve_image.cli import main; sys.exit(main(sys.argv[1:]))\n")
+    done = subprocess.run([sys.executable, "-c", code, "ls", "--site", str(path)],
+                          capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stderr) == (1, f"serve-image: error: {path}: {message}\n")
 
 
 def test_unquoted_password_is_not_echoed(tmp_path: Path) -> None:

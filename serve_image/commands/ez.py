@@ -9,7 +9,7 @@ from pathlib import Path
 
 from serve_image.cli import CommandError
 from serve_image.ezconfig import EzConfigError, write_site
-from serve_image.settings import LAYOUTS
+from serve_image.settings import LAYOUT_NAMES
 
 
 def cmd_site_from_ez(args: argparse.Namespace) -> int:
@@ -43,7 +43,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--name", required=True, help="the site's name: writes SITES_DIR/NAME.py")
     p.add_argument("--sites-dir", metavar="DIR",
                    help="where to write (default $SERVE_IMAGE_SITES, else ./sites)")
-    p.add_argument("--layout", choices=LAYOUTS,
+    p.add_argument("--layout", choices=LAYOUT_NAMES,
                    help="STORAGE_LAYOUT to write (default: largeobject for eZ's pgsql cluster, "
                         "else chunks)")
     p.add_argument("--force", action="store_true", help="replace an existing site file")

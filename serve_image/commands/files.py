@@ -4,20 +4,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import sqlite3
 import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from serve_image.cli import CommandError, add_site_argument, run_with_storage
+from serve_image.cli import CommandError, add_site_argument, run_with_storage, storage_for
 from serve_image.cluster import ClusterFiles, FileBroken
-from serve_image.copy import CopyTally, SiteCopy
-from serve_image.litefs import replica_message, replica_primary
+from serve_image.copy import SiteCopy
 from serve_image.progress import Progress, human_bytes
 from serve_image.purge import PurgeReport
 from serve_image.settings import Settings, load_site
-from serve_image.storage import Layout, StoredFile, make_layout
+from serve_image.storage import Layout, StoredFile
 from serve_image.transfer import Importer, Tally, TransferError, export_tree
 from serve_image.watch import Journal, Watcher
 
@@ -134,31 +134,26 @@ def cmd_copy(args: argparse.Namespace) -> int:
         raise CommandError("--jobs must be at least 1")
     if (source.describe(), source.layout) == (target.describe(), target.layout):
         raise CommandError(f"--from {args.source} and --to {args.target} are the same storage")
-    primary = replica_primary(target)
-    if primary is not None:
-        raise CommandError(replica_message(target, primary))
 
-    async def work() -> CopyTally:
-        # The source is only read: a LiteFS replica or a read-only SQLite file will do.
-        src, dst = make_layout(source, readonly=True), make_layout(target)
-        progress = Progress("copy", enabled=not args.quiet)
-        await src.connect()
-        try:
-            await dst.connect()
+    async def work() -> tuple[Tally, PurgeReport | None]:
+        async with contextlib.AsyncExitStack() as stack:
+            # The destination first: refused on a LiteFS replica before the
+            # source is opened. The source is only read: a LiteFS replica or a
+            # read-only SQLite file will do.
+            dst = ClusterFiles(await stack.enter_async_context(storage_for(target)))
+            src = ClusterFiles(await stack.enter_async_context(storage_for(source, readonly=True)))
+            progress = Progress("copy", enabled=not args.quiet)
             try:
-                return await SiteCopy(ClusterFiles(src), ClusterFiles(dst), progress,
-                                      jobs=_jobs(target, args.jobs)).run()
+                tally = await SiteCopy(src, dst, progress, jobs=_jobs(target, args.jobs)).run()
             finally:
-                await dst.close()
-        finally:
-            progress.close()
-            await src.close()
+                progress.close()
+                purged = await dst.close()
+            return tally, purged
 
     started = time.monotonic()
-    tally = asyncio.run(work())
-    print(_summary("copied", Tally(stored=tally.copied, stored_bytes=tally.copied_bytes,
-                                   skipped=tally.skipped, failed=tally.failed),
-                   time.monotonic() - started))
+    tally, purged = asyncio.run(work())
+    print(_summary("copied", tally, time.monotonic() - started))
+    _print_purges(purged)
     return 1 if tally.failed else 0
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import Protocol, cast
+from typing import Any, Protocol, cast
 
 from serve_image.connections import connection_limit, raise_open_files_limit
 from serve_image.settings import Settings
@@ -30,6 +30,9 @@ DEFAULT_SERVER = "uvicorn"
 # Every worker builds the app itself from $SERVE_IMAGE_SITE (app.py).
 APP_FACTORY = "serve_image.app:from_environment"
 DEMO_FACTORY = "serve_image.app:demo_from_environment"
+
+# How serve-image's log lines read, under every server and on the command line.
+LOG_FORMAT = "%(levelname)s: %(name)s: %(message)s"
 
 
 class ServerImportError(Exception):
@@ -49,12 +52,29 @@ class ServerOptions:
     graceful_timeout: int = 30
     # HEADER_TIMEOUT: seconds to receive a request's headers.
     header_timeout: float = 10.0
-    # MAX_CONNECTIONS, resolved: open connections per worker.
+    # MAX_CONNECTIONS, resolved: open connections per worker (granian's
+    # backpressure). Each worker's app resolves it too, from the open-file
+    # limit it inherits: the same number (app.py).
     max_connections: int = 1024
 
 
 class Server(Protocol):
     def run(self, options: ServerOptions) -> None: ...
+
+
+def with_own_logging(config: dict[str, Any]) -> dict[str, Any]:
+    """A server's logging dictConfig, with serve-image's loggers writing to stderr.
+
+    On the root logger, so that worker processes (which do not run cli.main)
+    write serve_image's lines, ACCESS_LOG's among them, at INFO whatever
+    --log-level says of the server's own.
+    """
+    config["formatters"]["serve_image"] = {"format": LOG_FORMAT}
+    config["handlers"]["serve_image"] = {
+        "formatter": "serve_image", "class": "logging.StreamHandler", "stream": "ext://sys.stderr",
+    }
+    config["root"] = {"handlers": ["serve_image"], "level": "INFO"}
+    return config
 
 
 def load(name: str) -> Server:

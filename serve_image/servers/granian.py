@@ -23,7 +23,7 @@ from granian.http import HTTP1Settings
 from granian.log import LOGGING_CONFIG, LogLevels
 from granian.server import Server
 
-from serve_image.servers import ServerOptions
+from serve_image.servers import ServerOptions, with_own_logging
 
 
 def log_config() -> dict[str, Any]:
@@ -32,13 +32,7 @@ def log_config() -> dict[str, Any]:
     granian replaces whole sections of its configuration with the ones given:
     so its own are given too.
     """
-    config: dict[str, Any] = copy.deepcopy(LOGGING_CONFIG)
-    config["formatters"]["serve_image"] = {"format": "%(levelname)s: %(name)s: %(message)s"}
-    config["handlers"]["serve_image"] = {
-        "formatter": "serve_image", "class": "logging.StreamHandler", "stream": "ext://sys.stderr",
-    }
-    config["root"] = {"handlers": ["serve_image"], "level": "INFO"}
-    return config
+    return with_own_logging(copy.deepcopy(LOGGING_CONFIG))
 
 
 def server_arguments(options: ServerOptions) -> dict[str, Any]:

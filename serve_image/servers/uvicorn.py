@@ -22,7 +22,7 @@ from uvicorn.config import LOGGING_CONFIG
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from serve_image.connections import CONNECTIONS
-from serve_image.servers import ServerOptions
+from serve_image.servers import ServerOptions, with_own_logging
 
 # What uvicorn logs, once per malformed request, before answering it 400.
 INVALID_REQUEST = "Invalid HTTP request received"
@@ -136,15 +136,7 @@ def log_config() -> dict[str, Any]:
     config: dict[str, Any] = copy.deepcopy(LOGGING_CONFIG)
     config["filters"] = {"invalid_requests": {"()": InvalidRequestLog}}
     config["loggers"]["uvicorn.error"]["filters"] = ["invalid_requests"]
-    config["formatters"]["serve_image"] = {"format": "%(levelname)s: %(name)s: %(message)s"}
-    config["handlers"]["serve_image"] = {
-        "formatter": "serve_image", "class": "logging.StreamHandler", "stream": "ext://sys.stderr",
-    }
-    # The root logger, so that worker processes (which do not run cli.main)
-    # write serve_image's lines, ACCESS_LOG's among them, at INFO whatever
-    # --log-level says of the server's own.
-    config["root"] = {"handlers": ["serve_image"], "level": "INFO"}
-    return config
+    return with_own_logging(config)
 
 
 def config(options: ServerOptions) -> dict[str, Any]:

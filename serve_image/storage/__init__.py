@@ -11,9 +11,12 @@ import importlib
 from typing import Any
 
 from serve_image.settings import Settings
+from serve_image.storage.drivers.base import served_by
 from serve_image.storage.errors import (
     DatabaseUnavailable,
+    DriverMissing,
     FileUnavailable,
+    SizeMismatch,
     StatementFailed,
     StorageError,
     StreamAborted,
@@ -36,13 +39,9 @@ LAYOUTS = {
 
 __all__ = [
     "DRIVERS", "LAYOUTS", "BrokenFile", "DatabaseUnavailable", "DriverMissing", "FileMeta",
-    "FileUnavailable", "First", "Layout", "StatementFailed", "StorageError", "StoredFile",
-    "StreamAborted", "make_layout", "name_hash",
+    "FileUnavailable", "First", "Layout", "SizeMismatch", "StatementFailed", "StorageError",
+    "StoredFile", "StreamAborted", "make_layout", "name_hash", "served_by",
 ]
-
-
-class DriverMissing(Exception):
-    """The Python driver a site needs is not installed."""
 
 
 def _load(target: str, settings: Settings) -> Any:
@@ -72,9 +71,8 @@ def make_layout(settings: Settings, *, readonly: bool = False, replicas: bool = 
 
 
 def _make(settings: Settings, readonly: bool) -> Layout:
-    try:
-        driver = _load(DRIVERS[settings.backend], settings)(settings, readonly=readonly)
-    except ImportError as e:  # the MySQL driver names what STORAGE_DRIVER needs
-        raise DriverMissing(str(e)) from None
+    # The MySQL driver raises DriverMissing itself: it imports the module
+    # STORAGE_DRIVER names when it is made.
+    driver = _load(DRIVERS[settings.backend], settings)(settings, readonly=readonly)
     layout: Layout = _load(LAYOUTS[settings.layout], settings)(settings, driver)
     return layout

@@ -7,6 +7,13 @@ message is for logs and never holds the database password.
 from __future__ import annotations
 
 
+class DriverMissing(Exception):
+    """The Python driver a site needs is not installed; the message says what to install.
+
+    Not a StorageError: no retry or later request can mend it.
+    """
+
+
 class StorageError(Exception):
     """Something the storage could not do."""
 
@@ -20,6 +27,14 @@ class StatementFailed(StorageError):
 
     The connection is fine and stays in use; an import reports that file and
     goes on. On the request path it is our bug.
+    """
+
+
+class SizeMismatch(StorageError):
+    """The bytes given to a store do not add up to the size it was told: nothing was stored.
+
+    A source that changed while it was read (`copy` reports that file and
+    goes on); the store's transaction is rolled back, its temporary file removed.
     """
 
 

@@ -41,6 +41,11 @@ class FileMeta:
     def live(self) -> bool:
         return is_live(self.mtime, self.expired)
 
+    def holds(self, size: int, mtime: int) -> bool:
+        """Is this row a live copy of that version? (An import, a watcher or a copy skips
+        the file then; a local copy of it stays.)"""
+        return self.live and (self.size, self.mtime) == (size, mtime)
+
     @classmethod
     def from_row(cls, row: Sequence[Any]) -> FileMeta:
         """From the columns name_hash, datatype, size, mtime, expired (rows.META_COLUMNS)."""
@@ -53,10 +58,6 @@ class StoredFile(FileMeta):
 
     name: str
     scope: str
-
-    def holds(self, size: int, mtime: int) -> bool:
-        """Is this row a live copy of that version? (An import or a watcher skips it then.)"""
-        return self.live and (self.size, self.mtime) == (size, mtime)
 
     @classmethod
     def from_row(cls, row: Sequence[Any]) -> Self:

@@ -20,7 +20,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from typing import ClassVar
 
 from serve_image.settings import Settings
-from serve_image.storage.drivers.base import Driver, Observer
+from serve_image.storage.drivers.base import Driver, DriverObserver
 from serve_image.storage.files import BrokenFile, FileMeta, StoredFile
 from serve_image.storage.names import name_hash
 from serve_image.storage.pieces import Pieces
@@ -53,7 +53,7 @@ class Layout(abc.ABC):
         """Raise a StorageError unless files can be served now (the health check)."""
         await self.driver.ping()
 
-    def observe(self, observer: Observer) -> None:
+    def observe(self, observer: DriverObserver) -> None:
         """Report queries, pool use and server health to the metrics."""
         self.driver.observe(observer)
 

@@ -18,7 +18,12 @@ from collections.abc import (
 )
 from dataclasses import dataclass
 
-from serve_image.storage.errors import DatabaseUnavailable, StatementFailed, StreamAborted
+from serve_image.storage.errors import (
+    DatabaseUnavailable,
+    SizeMismatch,
+    StatementFailed,
+    StreamAborted,
+)
 from serve_image.storage.files import FileMeta
 
 # What a layout stores: pieces from a local file read in a thread, from bytes
@@ -27,7 +32,7 @@ Pieces = Iterable[bytes] | AsyncIterable[bytes]
 
 
 async def checked_offsets(pieces: Pieces, size: int, name: str) -> AsyncIterator[tuple[int, bytes]]:
-    """(offset, piece) of a file being stored; ValueError unless they add up to `size`.
+    """(offset, piece) of a file being stored; SizeMismatch unless they add up to `size`.
 
     Every layout's store runs over this inside its transaction (or before it
     renames a file into place), so a short or long file is never committed.
@@ -35,11 +40,11 @@ async def checked_offsets(pieces: Pieces, size: int, name: str) -> AsyncIterator
     offset = 0
     async for data in _each(pieces):
         if offset + len(data) > size:
-            raise ValueError(f"{name}: more than the {size} bytes expected")
+            raise SizeMismatch(f"{name}: more than the {size} bytes expected")
         yield offset, data
         offset += len(data)
     if offset != size:
-        raise ValueError(f"{name}: read {offset} bytes, expected {size}")
+        raise SizeMismatch(f"{name}: read {offset} bytes, expected {size}")
 
 
 async def _each(pieces: Pieces) -> AsyncIterator[bytes]:

@@ -17,20 +17,30 @@ from __future__ import annotations
 import abc
 from collections.abc import Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
+from contextvars import ContextVar
 from typing import Any, ClassVar, Protocol
 
 from serve_image.settings import Settings
 
 Row = Sequence[Any]
 
+# Which server answered the request's last query, set by a driver that has
+# several (failover.py), for the access log (observability.py reads it after
+# the response: same task, same context; batching.py hands it on).
+served_by: ContextVar[str | None] = ContextVar("served_by", default=None)
 
-class Observer(Protocol):
-    """What the metrics want to hear about a driver's servers (observability.py)."""
+
+class DriverObserver(Protocol):
+    """What the metrics want to hear about a driver's servers (observability.Metrics)."""
 
     def query(self, host: str, seconds: float) -> None: ...
     def in_use(self, host: str, delta: int) -> None: ...
     def waiting(self, host: str, delta: int) -> None: ...
     def health(self, host: str, up: bool) -> None: ...
+
+
+# The protocol's former name, until storage/replicas.py imports DriverObserver.
+Observer = DriverObserver
 
 
 class Transaction(Protocol):
@@ -94,5 +104,5 @@ class Driver(abc.ABC):
         """(server, up) of each server, in order of preference."""
         return []
 
-    def observe(self, observer: Observer) -> None:  # noqa: B027 - a driver without servers
+    def observe(self, observer: DriverObserver) -> None:  # noqa: B027 - a driver without servers
         """Report queries, pool use and server health to `observer` from now on."""

@@ -25,18 +25,13 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from contextvars import ContextVar
 from typing import Generic, TypeVar
 
 from serve_image.settings import Settings, StorageHost
-from serve_image.storage.drivers.base import Observer
+from serve_image.storage.drivers.base import DriverObserver, served_by
 from serve_image.storage.errors import DatabaseUnavailable, StatementFailed
 
 logger = logging.getLogger("serve_image.failover")
-
-# Which server answered the request's last query, for the access log
-# (observability.py reads it after the response: same task, same context).
-served_by: ContextVar[str | None] = ContextVar("served_by", default=None)
 
 C = TypeVar("C")
 T = TypeVar("T")
@@ -122,7 +117,7 @@ class Failover(Generic[C]):
         # Driver errors that are the statement's, not the connection's.
         self.statement_errors = statement_errors
         self._probe_errors: tuple[type[BaseException], ...] = (TimeoutError, *driver_errors)
-        self.observer: Observer | None = None
+        self.observer: DriverObserver | None = None
         self._closed = False
 
     # -- life cycle -------------------------------------------------------

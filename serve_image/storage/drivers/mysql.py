@@ -13,6 +13,7 @@ from serve_image.settings import Settings, StorageHost
 from serve_image.storage.drivers.base import Row
 from serve_image.storage.drivers.failover import HostPool
 from serve_image.storage.drivers.pooled import Errors, PooledDriver
+from serve_image.storage.errors import DriverMissing
 
 _QUOTED = re.compile(r'"(\w+)"')
 # Prepared statements kept per connection (asyncmy): the endpoint's reads are
@@ -35,7 +36,7 @@ def _driver_module(settings: Settings) -> tuple[Any, Errors, Errors]:
         errors = importlib.import_module("pymysql.err" if name == "aiomysql" else "asyncmy.errors")
     except ImportError:
         extra = "mysql" if name == "asyncmy" else "aiomysql"
-        raise ImportError(
+        raise DriverMissing(
             f"{settings.source}: STORAGE_DRIVER {name!r} is not installed: "
             f"pip install 'serve-image[{extra}]'"
         ) from None

@@ -9,7 +9,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, Generic, TypeVar
 
 from serve_image.settings import Settings, StorageHost
-from serve_image.storage.drivers.base import Driver, Observer, Row
+from serve_image.storage.drivers.base import Driver, DriverObserver, Row
 from serve_image.storage.drivers.failover import Failover, HostPool
 
 C = TypeVar("C")
@@ -89,7 +89,7 @@ class PooledDriver(Driver, Generic[C]):
     def status(self) -> list[tuple[str, bool]]:
         return self.failover.status()
 
-    def observe(self, observer: Observer) -> None:
+    def observe(self, observer: DriverObserver) -> None:
         self.failover.observer = observer
 
 
