@@ -8,6 +8,7 @@ through the real app; the layout counts its trips to the mount.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
@@ -46,7 +47,7 @@ from tests.ezdfs import (
     ez_store,
     raw_get,
 )
-from tests.helpers import md5, payload, running
+from tests.helpers import md5, payload, running, until
 from tests.live import call
 
 _shared: dict[str, Settings] = {}
@@ -579,3 +580,31 @@ async def test_a_result_that_comes_too_late_is_handed_to_its_clean_up() -> None:
     finally:
         release.set()
         pool.close()
+
+
+async def test_a_closed_layout_keeps_nothing_of_the_mount_open(
+    site: Settings, writer: Layout, tmp_path: Path
+) -> None:
+    """Each pool thread keeps the mount point open for openat2; when the layout closes,
+    its threads close it (a descriptor held would keep an NFS or FUSE mount busy)."""
+    mount_dir = tmp_path / "own-mount"
+    mount_dir.mkdir()
+    mine = dataclasses.replace(site, dfs_mount_point=str(mount_dir))
+
+    def held() -> list[str]:
+        out = []
+        for fd in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/self/fd/{fd}").startswith(str(mount_dir)):
+                    out.append(fd)
+        return out
+
+    layout = make_layout(mine)
+    await layout.connect()
+    await layout.store(f"{IMG}/a.jpg", [b"data"], size=4, mtime=MTIME, datatype="image/jpeg",
+                       scope="image")
+    got = await layout.first(md5(f"{IMG}/a.jpg"))
+    assert got is not None and got[1] == b"data"
+    assert held()  # the pool thread's mount point, at least
+    await layout.close()
+    await until(lambda: not held(), "the pool's threads closing the mount point")

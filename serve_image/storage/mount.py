@@ -87,6 +87,12 @@ def _root_fd(root: str) -> int:
     return fd
 
 
+def forget_roots() -> None:
+    """Close the mount points this thread kept open (its pool is closing)."""
+    for fd in _roots.__dict__.pop("fds", {}).values():
+        os.close(fd)
+
+
 def _forget_root(root: str) -> None:
     fd = _roots.__dict__.get("fds", {}).pop(root, None)
     if fd is not None:

@@ -55,10 +55,13 @@ def _settle(call: _Call, pool: BoundedPool, result: Any, error: BaseException | 
 class BoundedPool:
     """At most `threads` threads; a call answers within `timeout` seconds or raises PoolTimeout."""
 
-    def __init__(self, threads: int, timeout: float, name: str) -> None:
+    def __init__(self, threads: int, timeout: float, name: str,
+                 on_exit: Callable[[], None] | None = None) -> None:
         self.size = threads
         self.timeout = timeout
         self.name = name
+        # Run by each thread as it ends (what it kept open for its calls).
+        self.on_exit = on_exit
         self._calls: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
         self._idle = threading.Semaphore(0)
@@ -110,6 +113,8 @@ class BoundedPool:
         while True:
             call = self._calls.get()
             if call is None:
+                if self.on_exit is not None:
+                    self.on_exit()
                 return
             if not call.future.done():  # not given up on before it started
                 result: Any = None

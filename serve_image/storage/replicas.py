@@ -37,7 +37,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from contextlib import aclosing
 
 from serve_image.settings import Settings
-from serve_image.storage.drivers.base import Observer
+from serve_image.storage.drivers.base import DriverObserver
 from serve_image.storage.errors import StorageError, StreamAborted
 from serve_image.storage.files import BrokenFile, FileMeta, StoredFile
 from serve_image.storage.layout import First, Layout
@@ -83,7 +83,7 @@ class ReplicaLayout(Layout):
         except StorageError:
             await self.primary.ping()
 
-    def observe(self, observer: Observer) -> None:
+    def observe(self, observer: DriverObserver) -> None:
         self.primary.observe(observer)
         self.replica.observe(observer)
 

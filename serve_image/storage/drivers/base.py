@@ -39,8 +39,6 @@ class DriverObserver(Protocol):
     def health(self, host: str, up: bool) -> None: ...
 
 
-# The protocol's former name, until storage/replicas.py imports DriverObserver.
-Observer = DriverObserver
 
 
 class Transaction(Protocol):

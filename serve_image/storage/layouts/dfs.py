@@ -138,7 +138,7 @@ def _pool_for(settings: Settings) -> BoundedPool:
     pool, users = _pools.get(key, (None, 0))
     if pool is None or pool.closed:
         pool, users = BoundedPool(settings.dfs_threads, settings.dfs_timeout,
-                                  f"the DFS mount {root}"), 0
+                                  f"the DFS mount {root}", on_exit=mount.forget_roots), 0
     _pools[key] = (pool, users + 1)
     return pool
 
