@@ -17,15 +17,16 @@ from __future__ import annotations
 
 import abc
 import functools
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 from serve_image.settings import Settings
 from serve_image.storage.drivers.base import Driver, Row, Transaction
 from serve_image.storage.files import BrokenFile, FileMeta, StoredFile
-from serve_image.storage.layout import Layout
+from serve_image.storage.layout import First, Layout
 from serve_image.storage.names import like_prefix, name_hash, wildcard_to_like, wildcard_to_regex
-from serve_image.storage.pieces import Pieces, checked_offsets
+from serve_image.storage.pieces import Chunk, Pieces, checked_offsets, read_pieces
 
 # Names looked up in one statement by the management commands.
 PAGE = 500
@@ -292,3 +293,39 @@ class RowLayout(Layout):
     async def broken(self, files: Sequence[Row]) -> dict[str, str]:
         """Of these live files (name, name_hash, size, mtime): name_hash -> problem."""
 
+
+class PieceLayout(RowLayout):
+    """A layout whose bytes are pieces in the database (chunk rows, slices of a large object).
+
+    A small file is its row and first piece, read in one query (`FIRST`:
+    the meta columns, then the first piece's bytes; `FIRST_MANY` with `IN
+    (?*)`); a body is the checked walk of pieces.read_pieces over the
+    layout's `fetch_chunks`.
+    """
+
+    bytes_in_first = True
+    FIRST: ClassVar[str]
+    FIRST_MANY: ClassVar[str]
+
+    def first_args(self) -> tuple[object, ...]:
+        """Parameters the FIRST statements take before the name hashes."""
+        return ()
+
+    async def first(self, name_hash: str) -> First | None:
+        row = await self.driver.fetchrow(self.FIRST, *self.first_args(), name_hash)
+        return None if row is None else (FileMeta.from_row(row), row[5])
+
+    async def first_many(self, hashes: Sequence[str]) -> dict[str, First]:
+        keys = padded(hashes)
+        rows = await self.driver.fetch(with_keys(self.FIRST_MANY, len(keys)), *self.first_args(),
+                                       *keys)
+        return {r[0]: (FileMeta.from_row(r), r[5]) for r in rows}
+
+    @abc.abstractmethod
+    async def fetch_chunks(
+        self, meta: FileMeta, start: int, end: int, limit: int, aligned: bool = False
+    ) -> list[Chunk]:
+        """At most `limit` pieces of this version overlapping start..end (pieces.FetchPieces)."""
+
+    def read(self, meta: FileMeta, start: int, end: int) -> AsyncGenerator[bytes, None]:
+        return read_pieces(self.fetch_chunks, meta, start, end)

@@ -11,15 +11,14 @@ original eZ scripts, which used it bare, fail on a current MariaDB.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import Sequence
 
 from serve_image.settings import Settings
 from serve_image.storage.drivers.base import Driver, Row
 from serve_image.storage.files import FileMeta
-from serve_image.storage.layout import First
 from serve_image.storage.names import name_hash
-from serve_image.storage.pieces import Chunk, Pieces, read_pieces
-from serve_image.storage.rows import RowLayout, Table, insert_pieces, padded, pages, with_keys
+from serve_image.storage.pieces import Chunk, Pieces
+from serve_image.storage.rows import PieceLayout, Table, insert_pieces, pages, with_keys
 
 # eZ Publish 3.10-4.6 `kernel/sql/mysql/cluster_schema.sql`, with `offset`
 # quoted and datatype VARCHAR(255) as eZ 4.7 widened it. Pointing serve-image
@@ -147,23 +146,15 @@ INSERT_FILE = (
 INSERT_CHUNK = 'INSERT INTO ezdbfile_data (name_hash, "offset", filedata) VALUES (?, ?, ?)'
 
 
-class ChunkLayout(RowLayout):
+class ChunkLayout(PieceLayout):
     name = "chunks"
-    bytes_in_first = True
+    FIRST = FIRST
+    FIRST_MANY = FIRST_MANY
 
     def __init__(self, settings: Settings, driver: Driver) -> None:
         super().__init__(settings, driver, Table("ezdbfile"), DDL[driver.name])
 
     # -- reads --------------------------------------------------------------------
-    async def first(self, name_hash: str) -> First | None:
-        row = await self.driver.fetchrow(FIRST, name_hash)
-        return None if row is None else (FileMeta.from_row(row), row[5])
-
-    async def first_many(self, hashes: Sequence[str]) -> dict[str, First]:
-        keys = padded(hashes)
-        rows = await self.driver.fetch(with_keys(FIRST_MANY, len(keys)), *keys)
-        return {r[0]: (FileMeta.from_row(r), r[5]) for r in rows}
-
     async def fetch_chunks(
         self, meta: FileMeta, start: int, end: int, limit: int, aligned: bool = False
     ) -> list[Chunk]:
@@ -178,9 +169,6 @@ class ChunkLayout(RowLayout):
                 CHUNKS, meta.mtime, meta.size, False, h, end, h, start, limit, retry=False
             )
         return [Chunk(o, d) for o, d in rows]
-
-    def read(self, meta: FileMeta, start: int, end: int) -> AsyncGenerator[bytes, None]:
-        return read_pieces(self.fetch_chunks, meta, start, end)
 
     # -- writes -------------------------------------------------------------------
     async def store(

@@ -15,16 +15,15 @@ by hand) is one broken file, never a database error: every read joins
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import Sequence
 
 from serve_image.settings import Settings
 from serve_image.storage.drivers.base import Driver, Row
 from serve_image.storage.errors import StatementFailed
 from serve_image.storage.files import FileMeta
-from serve_image.storage.layout import First
 from serve_image.storage.names import name_hash
-from serve_image.storage.pieces import Chunk, Pieces, read_pieces
-from serve_image.storage.rows import RowLayout, Table, insert_pieces, padded, with_keys
+from serve_image.storage.pieces import Chunk, Pieces
+from serve_image.storage.rows import PieceLayout, Table, insert_pieces, with_keys
 
 DDL = {
     # datatype is VARCHAR(60) in eZ 3.8; 255 here, as eZ 4.7 widened it, so
@@ -77,23 +76,18 @@ PURGE = (
 MAX_NAME = 255
 
 
-class LargeObjectLayout(RowLayout):
+class LargeObjectLayout(PieceLayout):
     name = "largeobject"
-    bytes_in_first = True
+    FIRST = FIRST
+    FIRST_MANY = FIRST_MANY
 
     def __init__(self, settings: Settings, driver: Driver) -> None:
         super().__init__(settings, driver, Table("ezdbfile", expired=None), DDL)
         self.piece = settings.chunk_size
 
     # -- reads --------------------------------------------------------------------
-    async def first(self, name_hash: str) -> First | None:
-        row = await self.driver.fetchrow(FIRST, self.piece, name_hash)
-        return None if row is None else (FileMeta.from_row(row), row[5])
-
-    async def first_many(self, hashes: Sequence[str]) -> dict[str, First]:
-        keys = padded(hashes)
-        rows = await self.driver.fetch(with_keys(FIRST_MANY, len(keys)), self.piece, *keys)
-        return {r[0]: (FileMeta.from_row(r), r[5]) for r in rows}
+    def first_args(self) -> tuple[object, ...]:
+        return (self.piece,)  # the first piece's length
 
     async def fetch_chunks(
         self, meta: FileMeta, start: int, end: int, limit: int, aligned: bool = False
@@ -107,9 +101,6 @@ class LargeObjectLayout(RowLayout):
             retry=False,
         )
         return [Chunk(pos, data) for pos, data in rows]
-
-    def read(self, meta: FileMeta, start: int, end: int) -> AsyncGenerator[bytes, None]:
-        return read_pieces(self.fetch_chunks, meta, start, end)
 
     # -- writes -------------------------------------------------------------------
     async def store(
